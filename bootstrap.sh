@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Protego set-up for a fresh Debian 12 machine: system packages, the charon
+# plugin, and a virtualenv with the protego package.  Idempotent: run it as
+# often as you like; it only installs what is missing.  Must run as root.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap.sh: run as root (it installs Debian packages and a charon plugin)" >&2
+    exit 1
+fi
+
+APT_PACKAGES=(
+    strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins
+    nftables python3-nftables etcd-server etcd-client iperf3 iproute2 iputils-ping procps
+    python3-venv python3-dev gcc make dpkg-dev strace tcpdump
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's python3 (for python3-nftables) with the protego package in a venv.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nftables' 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.protego-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
+
+# Protego's charon plugin (built against the installed strongSwan's source).
+if [ -x charon-plugins/build.sh ]; then
+    charon-plugins/build.sh
+fi
+echo "bootstrap: ready (.venv/bin/protego)" >&2

@@ -1,0 +1,3 @@
+from protego.cli import main
+
+main()

@@ -1,0 +1,385 @@
+"""Bring a testbed up, inspect it, and take it down again.
+
+``up`` journals every namespace, host link and process before creating it
+(:mod:`protego.testbed.state`), so ``down`` removes exactly that, also after a
+crash, and a failure half-way through ``up`` rolls everything back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protego.errors import ProtegoError, TestbedError
+from protego.store.server import EtcdCluster
+from protego.testbed import netns, procs
+from protego.testbed.plan import MGMT_SUPERNET, Mode, Plan, build_plan, mgmt_subnet
+from protego.testbed.state import STATE_ROOT, TestbedState, list_testbeds, used_mgmt_indices
+from protego.testbed.strongswan import (
+    CharonFiles,
+    baseline_swanctl_conf,
+    site_swanctl_conf,
+    strongswan_conf,
+)
+from protego.testbed.topology import TESTBED_NAME_RE, Topology, load_topology
+from protego.testbed.vici_client import ViciClient
+
+log = logging.getLogger(__name__)
+
+CHARON = "/usr/lib/ipsec/charon"
+SWANCTL = "/usr/sbin/swanctl"
+TESTBED_ETCD_PREFIX = "/protego-testbed/"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def check_name(name: str) -> None:
+    if not TESTBED_NAME_RE.match(name):
+        raise TestbedError(
+            f"bad testbed name {name!r}: 1-8 characters, a-z and 0-9, starting with a letter"
+        )
+
+
+def _host_mgmt_indices_in_use() -> set[int]:
+    """Indices whose 198.19.K.0/24 already has an address on the host (not ours to take)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    used = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            addr = ipaddress.IPv4Interface(parts[parts.index("inet") + 1]).ip
+            if addr in MGMT_SUPERNET:
+                used.add(int(str(addr).split(".")[2]))
+    return used
+
+
+def _pick_mgmt_index() -> int:
+    taken = used_mgmt_indices() | _host_mgmt_indices_in_use()
+    for k in range(1, 255):
+        if k not in taken:
+            return k
+    raise TestbedError("no free management subnet in 198.19.0.0/16 (too many testbeds?)")
+
+
+@dataclass
+class Testbed:
+    """A running (or partly created) testbed: its plan, topology and state record."""
+
+    __test__ = False
+
+    state: TestbedState
+    topology: Topology
+    plan: Plan
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    def ns(self, node: str) -> str:
+        return self.plan.ns(node)
+
+    def charon_files(self, node: str) -> CharonFiles:
+        return CharonFiles(self.state.node_dir(node))
+
+    def vici(self, node: str) -> ViciClient:
+        return ViciClient(self.charon_files(node).vici_socket)
+
+    def etcd_cluster(self) -> EtcdCluster | None:
+        raw = self.state.extra.get("etcd")
+        return EtcdCluster.from_state(raw) if raw else None
+
+    def etcd(self) -> Any:
+        from protego.store.etcd import Etcd
+
+        return Etcd(self.state.etcd_endpoints)
+
+    @classmethod
+    def open(cls, name: str) -> "Testbed":
+        state = TestbedState.load(name)
+        topo = load_topology(None if state.topology_source == "<default topology>" else state.topology_source)
+        plan = build_plan(topo, name, state.mode, state.mgmt_index)  # type: ignore[arg-type]
+        return cls(state, topo, plan)
+
+
+# ----------------------------------------------------------------------------
+# up
+
+
+def up(
+    topology: Topology,
+    name: str = "pt",
+    mode: Mode = "protego",
+    progress: Progress = _quiet,
+    wait_tunnels: float = 60.0,
+) -> Testbed:
+    check_name(name)
+    if name in list_testbeds():
+        raise TestbedError(f"testbed '{name}' already exists; take it down first (protego testbed down --name {name})")
+    clash = sorted(n for n in netns.list_netns() if n.startswith(f"{name}-"))
+    if clash:
+        raise TestbedError(f"network namespaces {', '.join(clash[:3])} already exist; pick another name")
+    index = _pick_mgmt_index()
+    plan = build_plan(topology, name, mode, index)
+    state = TestbedState(
+        name=name, mode=mode, topology_source=topology.source, mgmt_index=index, created=time.time()
+    )
+    if netns.host_link_exists(plan.host_ifname):
+        raise TestbedError(f"host interface {plan.host_ifname} already exists; pick another name")
+    state.root.mkdir(parents=True, exist_ok=True)
+    state.logs.mkdir(parents=True, exist_ok=True)
+    state.save()
+    tb = Testbed(state, topology, plan)
+    try:
+        _up(tb, progress, wait_tunnels)
+    except BaseException as exc:
+        progress(f"failed: {exc}; rolling back")
+        detail = _failure_detail(tb)
+        try:
+            down(name, progress=_quiet)
+        except ProtegoError as cleanup_exc:  # pragma: no cover - reported, not hidden
+            log.error("rollback of testbed %s failed: %s", name, cleanup_exc)
+        if isinstance(exc, ProtegoError):
+            raise TestbedError(f"testbed up failed and was rolled back: {exc}{detail}") from exc
+        raise
+    return tb
+
+
+def _failure_detail(tb: Testbed) -> str:
+    """The last lines of the logs of processes that died, for the error message."""
+    lines = []
+    for rec in tb.state.procs:
+        if not procs.is_alive(rec):
+            try:
+                tail = Path(rec.log).read_text(errors="replace").splitlines()[-5:]
+            except OSError:
+                continue
+            lines.append(f"\n  {rec.kind} on {rec.node} exited; last log lines:")
+            lines += [f"\n    {t}" for t in tail]
+    return "".join(lines)
+
+
+def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
+    st, plan, topo = tb.state, tb.plan, tb.topology
+
+    def journal_ns(ns: str) -> None:
+        st.namespaces.append(ns)
+        st.save()
+
+    def journal_link(ifname: str) -> None:
+        st.host_links.append(ifname)
+        st.save()
+
+    t0 = time.monotonic()
+    progress(f"creating {len(plan.namespaces)} network namespaces ({plan.mode} mode)")
+    netns.apply_plan(plan, journal_ns, journal_link)
+
+    progress(f"starting etcd ({topo.etcd_members} member{'s' if topo.etcd_members > 1 else ''})")
+    cluster = EtcdCluster(
+        f"{st.name}-etcd", str(st.root / "etcd"), str(st.logs), members=topo.etcd_members,
+        client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"),
+    )
+    st.extra["etcd"] = cluster.state()
+    st.save()
+    cluster.start(wait=True)
+    st.extra["etcd"] = cluster.state()
+    st.etcd_endpoints = list(cluster.endpoints)
+    st.save()
+
+    # site PSKs: generated here, kept only in etcd and handed to charons over VICI
+    store = tb.etcd()
+    try:
+        for s in topo.sites:
+            store.put(f"{TESTBED_ETCD_PREFIX}{st.name}/sites/{s.name}/psk", secrets.token_urlsafe(32).encode())
+        if plan.mode == "baseline":
+            progress(f"starting {len(topo.tenants)} baseline gateways (strongSwan, kernel-libipsec)")
+            for ch in plan.charons:
+                if ch.kind == "baseline":
+                    _start_charon(tb, ch.node, baseline_swanctl_conf(topo, topo.tenant(ch.tenant)),
+                                  [s.name for s in topo.sites_of(ch.tenant)], store)
+        progress(f"starting {len(topo.sites)} site gateways (strongSwan, kernel-libipsec)")
+        for ch in plan.charons:
+            if ch.kind == "site":
+                assert ch.site is not None
+                site = next(s for s in topo.sites if s.name == ch.site)
+                _start_charon(tb, ch.node, site_swanctl_conf(site, topo.tenant(site.tenant)), [site.name], store)
+    finally:
+        store.close()
+
+    if plan.mode == "baseline" and wait_tunnels > 0:
+        progress("waiting for every site's tunnel")
+        wait_for_tunnels(tb, wait_tunnels)
+    st.phase = "up"
+    st.save()
+    progress(f"testbed '{st.name}' is up in {time.monotonic() - t0:.1f} s")
+
+
+def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str], store: Any) -> None:
+    st = tb.state
+    files = tb.charon_files(node)
+    files.conf_dir.mkdir(parents=True, exist_ok=True)
+    log_path = st.logs / f"{node}.charon.log"
+    files.strongswan_conf.write_text(strongswan_conf(files, log_path))
+    files.swanctl_conf.write_text(swanctl_text)
+    rec = procs.spawn(
+        node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",
+        private_run=True, env={"STRONGSWAN_CONF": str(files.strongswan_conf)},
+    )
+    st.procs.append(rec)
+    st.save()
+    deadline = time.monotonic() + 15
+    while not files.vici_socket.exists():
+        if not procs.is_alive(rec):
+            raise TestbedError(f"charon on {node} exited during start-up (see {log_path})")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"charon on {node} did not open its VICI socket within 15 s")
+        time.sleep(0.05)
+    with tb.vici(node) as v:
+        v.wait_ready(10)
+        # secrets first, so an initiator that starts on load-conns finds its PSK
+        for site in psk_sites:
+            kv = store.get(f"{TESTBED_ETCD_PREFIX}{st.name}/sites/{site}/psk")
+            if kv is None:
+                raise TestbedError(f"PSK of site {site} missing from etcd")
+            owners = _psk_owners(tb, site)
+            v.load_psk(f"psk-{site}", kv.value, owners)
+    res = subprocess.run(
+        [SWANCTL, "--load-conns", "--file", str(files.swanctl_conf), "--uri", files.vici_uri],
+        capture_output=True, text=True, timeout=30,
+        env={"STRONGSWAN_CONF": str(files.strongswan_conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    if res.returncode != 0:
+        raise TestbedError(f"swanctl --load-conns on {node} failed: {res.stdout.strip()} {res.stderr.strip()}")
+
+
+def _psk_owners(tb: Testbed, site_name: str) -> list[str]:
+    site = next(s for s in tb.topology.sites if s.name == site_name)
+    return [str(site.public), str(tb.topology.tenant(site.tenant).vip)]
+
+
+def site_tunnels(tb: Testbed) -> dict[str, dict[str, Any]]:
+    """Per site: its IKE and CHILD_SA state as its own charon reports it over VICI."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in tb.topology.sites:
+        node = f"s-{s.name}"
+        info: dict[str, Any] = {"ike_state": None, "child_state": None}
+        try:
+            with tb.vici(node) as v:
+                for sa in v.list_sas(s.name):
+                    info.update(sa)
+        except (OSError, ProtegoError) as exc:
+            info["error"] = str(exc)
+        out[s.name] = info
+    return out
+
+
+def wait_for_tunnels(tb: Testbed, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        tunnels = site_tunnels(tb)
+        down_ = [n for n, t in tunnels.items() if t.get("child_state") != "INSTALLED"]
+        if not down_:
+            return
+        for rec in tb.state.procs:
+            if rec.kind == "charon" and not procs.is_alive(rec):
+                raise TestbedError(f"charon on {rec.node} exited (see {rec.log})")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"tunnels of sites {', '.join(down_)} not up within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------
+# down
+
+
+def down(name: str, progress: Progress = _quiet) -> None:
+    """Remove exactly what ``up`` created for testbed ``name`` (per its state record)."""
+    check_name(name)
+    st = TestbedState.load(name)
+    st.phase = "removing"
+    st.save()
+    errors: list[str] = []
+    for rec in reversed(st.procs):
+        try:
+            if procs.stop(rec):
+                progress(f"stopped {rec.kind} on {rec.node} (pid {rec.pid})")
+        except OSError as exc:
+            errors.append(f"stopping {rec.kind} pid {rec.pid}: {exc}")
+    raw = st.extra.get("etcd")
+    if raw:
+        try:
+            EtcdCluster.from_state(raw).destroy()
+            progress("stopped etcd")
+        except ProtegoError as exc:
+            errors.append(f"etcd: {exc}")
+    for ns in reversed(st.namespaces):
+        try:
+            netns.remove_netns(ns)
+        except OSError as exc:
+            errors.append(f"namespace {ns}: {exc}")
+    progress(f"removed {len(st.namespaces)} network namespaces")
+    for ifname in st.host_links:
+        try:
+            netns.remove_host_link(ifname)
+        except OSError as exc:
+            errors.append(f"host link {ifname}: {exc}")
+    if errors:
+        st.save()
+        raise TestbedError(f"testbed {name} only partly removed: " + "; ".join(errors))
+    shutil.rmtree(st.root, ignore_errors=False)
+    try:
+        STATE_ROOT.rmdir()  # only if no other testbed is left
+    except OSError:
+        pass
+    progress(f"testbed '{name}' removed")
+
+
+# ----------------------------------------------------------------------------
+# status
+
+
+def _tcp_ok(endpoint: str, timeout: float = 0.5) -> bool:
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def status(name: str) -> dict[str, Any]:
+    tb = Testbed.open(name)
+    st = tb.state
+    existing = netns.list_netns()
+    nodes = []
+    for n in tb.plan.namespaces:
+        node_procs = [
+            {"kind": r.kind, "pid": r.pid, "alive": procs.is_alive(r)} for r in st.procs if r.node == n.node
+        ]
+        nodes.append({
+            "node": n.node, "netns": n.name, "role": n.role, "present": n.name in existing,
+            "tenant": n.tenant, "site": n.site, "processes": node_procs,
+        })
+    cluster = tb.etcd_cluster()
+    etcd = {
+        "endpoints": st.etcd_endpoints,
+        "healthy": [_tcp_ok(e) for e in st.etcd_endpoints],
+        "pids": cluster.pids if cluster else [],
+    }
+    return {
+        "name": st.name, "mode": st.mode, "phase": st.phase, "topology": st.topology_source,
+        "state_dir": str(st.root), "logs": str(st.logs), "mgmt_subnet": str(mgmt_subnet(st.mgmt_index)),
+        "etcd": etcd, "nodes": nodes, "tunnels": site_tunnels(tb) if st.phase == "up" else {},
+    }

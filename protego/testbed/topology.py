@@ -1,0 +1,314 @@
+"""Testbed topologies: a TOML document describing sites, tenants and Protego's nodes.
+
+Parsing and validation are pure: a topology is rejected with one clear message
+naming the place (file, section, entry, field) before anything is created.
+The format is documented in ``docs/testbed.md``; the default ships as
+``protego/data/topology-default.toml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from protego.errors import ConfigError
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
+TESTBED_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+DEFAULT_IKE_PROPOSAL = "aes128gcm16-prfsha256-ecp256"
+DEFAULT_ESP_PROPOSAL = "aes128gcm16"
+_PROPOSAL_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    vni: int
+    network: IPv4Network
+    gateway: IPv4Address
+    vip: IPv4Address
+    hosts: tuple[IPv4Address, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    tenant: str
+    public: IPv4Address
+    network: IPv4Network
+    gateway: IPv4Address
+    hosts: tuple[IPv4Address, ...]
+    ike_proposal: str = DEFAULT_IKE_PROPOSAL
+    esp_proposal: str = DEFAULT_ESP_PROPOSAL
+
+
+@dataclass(frozen=True)
+class Topology:
+    source: str = field(compare=False)
+    etcd_members: int
+    gpns: int
+    internet: IPv4Network
+    router: IPv4Address
+    gin: IPv4Address
+    fabric: IPv4Network
+    tenants: tuple[Tenant, ...]
+    sites: tuple[Site, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def tenant(self, name: str) -> Tenant:
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def sites_of(self, tenant: str) -> tuple[Site, ...]:
+        return tuple(s for s in self.sites if s.tenant == tenant)
+
+
+# ----------------------------------------------------------------------------
+# loading
+
+
+def default_topology_text() -> str:
+    return (resources.files("protego") / "data" / "topology-default.toml").read_text()
+
+
+def load_topology(path: str | Path | None = None) -> Topology:
+    """Load and validate a topology file (the packaged default when ``path`` is None)."""
+    if path is None:
+        return parse_topology(default_topology_text(), source="<default topology>")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read topology: {exc.strerror}") from None
+    return parse_topology(text, source=str(p))
+
+
+class _Ctx:
+    """Where we are in the document, for error messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {msg}")
+
+
+def _check_fields(ctx: _Ctx, where: str, table: Any, required: set[str], optional: set[str]) -> None:
+    if not isinstance(table, dict):
+        raise ctx.fail(where, f"expected a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - required - optional)
+    if unknown:
+        allowed = ", ".join(sorted(required | optional))
+        raise ctx.fail(where, f"unknown field '{unknown[0]}' (allowed: {allowed})")
+    missing = sorted(required - set(table))
+    if missing:
+        raise ctx.fail(where, f"missing field '{missing[0]}'")
+
+
+def _addr(ctx: _Ctx, where: str, value: Any) -> IPv4Address:
+    if not isinstance(value, str):
+        raise ctx.fail(where, f"expected an IPv4 address string, got {value!r}")
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise ctx.fail(where, f"malformed IPv4 address {value!r}") from None
+
+
+def _net(ctx: _Ctx, where: str, value: Any) -> IPv4Network:
+    if not isinstance(value, str):
+        raise ctx.fail(where, f"expected an IPv4 prefix string, got {value!r}")
+    try:
+        return IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ctx.fail(where, f"malformed IPv4 prefix {value!r} ({exc})") from None
+
+
+def _int(ctx: _Ctx, where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.fail(where, f"expected an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ctx.fail(where, f"{value} is out of range {lo}..{hi}")
+    return value
+
+
+def _name(ctx: _Ctx, where: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ctx.fail(
+            where, f"bad name {value!r}: 1-12 characters, a-z, 0-9 and '-', starting with a letter"
+        )
+    return value
+
+
+def _hosts(ctx: _Ctx, where: str, value: Any, net: IPv4Network, gw: IPv4Address) -> tuple[IPv4Address, ...]:
+    if not isinstance(value, list) or not value:
+        raise ctx.fail(where, "expected a non-empty list of host addresses")
+    seen: set[IPv4Address] = set()
+    out = []
+    for i, v in enumerate(value):
+        w = f"{where}[{i}]"
+        a = _addr(ctx, w, v)
+        if a not in net or a in (net.network_address, net.broadcast_address):
+            raise ctx.fail(w, f"host {a} is not a usable address of {net}")
+        if a == gw:
+            raise ctx.fail(w, f"duplicate address {a}: it is the gateway address")
+        if a in seen:
+            raise ctx.fail(w, f"duplicate address {a}")
+        seen.add(a)
+        out.append(a)
+    return tuple(out)
+
+
+def _proposal(ctx: _Ctx, where: str, value: Any) -> str:
+    if not isinstance(value, str) or not _PROPOSAL_RE.match(value):
+        raise ctx.fail(where, f"malformed proposal {value!r}")
+    return value
+
+
+def _entry(section: str, i: int, table: Any) -> str:
+    name = table.get("name") if isinstance(table, dict) else None
+    return f"{section}[{i}] ({name})" if isinstance(name, str) else f"{section}[{i}]"
+
+
+def parse_topology(text: str, source: str = "<topology>") -> Topology:
+    ctx = _Ctx(source)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+
+    _check_fields(ctx, "top level", doc, {"tenants", "sites"}, {"testbed", "internet", "fabric"})
+
+    tb = doc.get("testbed", {})
+    _check_fields(ctx, "[testbed]", tb, set(), {"etcd_members", "gpns"})
+    etcd_members = _int(ctx, "[testbed].etcd_members", tb.get("etcd_members", 1), 1, 3)
+    if etcd_members == 2:
+        raise ctx.fail("[testbed].etcd_members", "must be 1 or 3 (2 members cannot lose one)")
+    gpns = _int(ctx, "[testbed].gpns", tb.get("gpns", 2), 1, 16)
+
+    inet = doc.get("internet", {})
+    _check_fields(ctx, "[internet]", inet, set(), {"prefix", "router", "gin"})
+    internet = _net(ctx, "[internet].prefix", inet.get("prefix", "198.18.0.0/16"))
+    hosts_iter = internet.hosts()
+    router = _addr(ctx, "[internet].router", inet.get("router", str(next(hosts_iter))))
+    gin = _addr(ctx, "[internet].gin", inet.get("gin", str(next(hosts_iter))))
+
+    fab = doc.get("fabric", {})
+    _check_fields(ctx, "[fabric]", fab, set(), {"prefix"})
+    fabric = _net(ctx, "[fabric].prefix", fab.get("prefix", "192.0.2.0/24"))
+
+    # every address on the shared "internet" plane (and VIPs routed on it)
+    public: dict[IPv4Address, str] = {}
+
+    def claim(addr: IPv4Address, where: str) -> None:
+        if addr in public:
+            raise ctx.fail(where, f"duplicate address {addr} (already used by {public[addr]})")
+        public[addr] = where
+
+    for addr, where in ((router, "[internet].router"), (gin, "[internet].gin")):
+        if addr not in internet:
+            raise ctx.fail(where, f"{addr} is not in the internet prefix {internet}")
+        claim(addr, where)
+
+    raw_tenants = doc["tenants"]
+    if not isinstance(raw_tenants, list) or not raw_tenants:
+        raise ctx.fail("[[tenants]]", "at least one tenant is required")
+    tenants: list[Tenant] = []
+    vnis: dict[int, str] = {}
+    for i, rt in enumerate(raw_tenants):
+        where = _entry("tenants", i, rt)
+        _check_fields(ctx, where, rt, {"name", "vni", "network", "vip", "hosts"}, {"gateway"})
+        name = _name(ctx, f"{where}.name", rt["name"])
+        if any(t.name == name for t in tenants):
+            raise ctx.fail(f"{where}.name", f"duplicate tenant name '{name}'")
+        vni = _int(ctx, f"{where}.vni", rt["vni"], 1, 2**24 - 1)
+        if vni in vnis:
+            raise ctx.fail(f"{where}.vni", f"duplicate VNI {vni} (already used by {vnis[vni]})")
+        vnis[vni] = where
+        network = _net(ctx, f"{where}.network", rt["network"])
+        if network.prefixlen > 29:
+            raise ctx.fail(f"{where}.network", f"{network} is too small (at most /29)")
+        gateway = _addr(ctx, f"{where}.gateway", rt.get("gateway", str(next(network.hosts()))))
+        if gateway not in network or gateway in (network.network_address, network.broadcast_address):
+            raise ctx.fail(f"{where}.gateway", f"{gateway} is not a usable address of {network}")
+        vip = _addr(ctx, f"{where}.vip", rt["vip"])
+        if vip in internet:
+            raise ctx.fail(f"{where}.vip", f"VIP {vip} must not be inside the internet segment {internet}")
+        claim(vip, f"{where}.vip")
+        hosts = _hosts(ctx, f"{where}.hosts", rt["hosts"], network, gateway)
+        tenants.append(Tenant(name, vni, network, gateway, vip, hosts))
+
+    raw_sites = doc["sites"]
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise ctx.fail("[[sites]]", "at least one site is required")
+    sites: list[Site] = []
+    for i, rs in enumerate(raw_sites):
+        where = _entry("sites", i, rs)
+        _check_fields(
+            ctx, where, rs, {"name", "tenant", "public", "network", "hosts"},
+            {"gateway", "ike_proposal", "esp_proposal"},
+        )
+        name = _name(ctx, f"{where}.name", rs["name"])
+        if any(s.name == name for s in sites):
+            raise ctx.fail(f"{where}.name", f"duplicate site name '{name}'")
+        tname = rs["tenant"]
+        tenant = next((t for t in tenants if t.name == tname), None)
+        if tenant is None:
+            raise ctx.fail(
+                f"{where}.tenant", f"the site's peer, tenant {tname!r}, is not defined in [[tenants]]"
+            )
+        pub = _addr(ctx, f"{where}.public", rs["public"])
+        if pub not in internet or pub in (internet.network_address, internet.broadcast_address):
+            raise ctx.fail(f"{where}.public", f"{pub} is not a usable address of the internet {internet}")
+        claim(pub, f"{where}.public")
+        network = _net(ctx, f"{where}.network", rs["network"])
+        if network.prefixlen > 29:
+            raise ctx.fail(f"{where}.network", f"{network} is too small (at most /29)")
+        if network.overlaps(tenant.network):
+            raise ctx.fail(
+                f"{where}.network", f"{network} overlaps its tenant's network {tenant.network}"
+            )
+        for other in sites:
+            if other.tenant == tenant.name and other.network.overlaps(network):
+                raise ctx.fail(
+                    f"{where}.network",
+                    f"{network} overlaps site '{other.name}' ({other.network}) of the same tenant",
+                )
+        gateway = _addr(ctx, f"{where}.gateway", rs.get("gateway", str(next(network.hosts()))))
+        if gateway not in network or gateway in (network.network_address, network.broadcast_address):
+            raise ctx.fail(f"{where}.gateway", f"{gateway} is not a usable address of {network}")
+        hosts = _hosts(ctx, f"{where}.hosts", rs["hosts"], network, gateway)
+        ike = _proposal(ctx, f"{where}.ike_proposal", rs.get("ike_proposal", DEFAULT_IKE_PROPOSAL))
+        esp = _proposal(ctx, f"{where}.esp_proposal", rs.get("esp_proposal", DEFAULT_ESP_PROPOSAL))
+        sites.append(Site(name, tenant.name, pub, network, gateway, hosts, ike, esp))
+
+    # the fabric must have room for Protego's nodes, baseline gateways and tenant hosts
+    if internet.num_addresses < len(tenants) + len(sites) + 8:
+        raise ctx.fail("[internet].prefix", f"{internet} is too small for this topology")
+    needed = 1 + 2 + gpns + len(tenants) + sum(len(t.hosts) for t in tenants) + 2
+    if fabric.num_addresses < needed:
+        raise ctx.fail("[fabric].prefix", f"{fabric} is too small for {needed} nodes")
+    # baseline gateways take internet addresses after the GIN: make sure they are free
+    topo = Topology(source, etcd_members, gpns, internet, router, gin, fabric, tuple(tenants), tuple(sites))
+    for t_index, t in enumerate(topo.tenants):
+        addr = baseline_public(topo, t_index)
+        if addr in public:
+            raise ctx.fail(
+                public[addr], f"address {addr} is reserved for tenant {t.name}'s baseline gateway"
+            )
+    return topo
+
+
+def baseline_public(topo: Topology, tenant_index: int) -> IPv4Address:
+    """The internet address of a tenant's baseline gateway (baseline mode)."""
+    return topo.internet.broadcast_address - 2 - tenant_index
