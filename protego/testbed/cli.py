@@ -72,7 +72,8 @@ def _print_status(st: dict[str, Any]) -> None:
     click.echo(f"  topology: {st['topology']}")
     click.echo(f"  logs:     {st['logs']}")
     health = ", ".join(
-        f"{e} {'ok' if ok else 'DOWN'}" for e, ok in zip(st["etcd"]["endpoints"], st["etcd"]["healthy"])
+        f"{e} (pid {pid}) {'ok' if ok else 'DOWN'}"
+        for e, ok, pid in zip(st["etcd"]["endpoints"], st["etcd"]["healthy"], st["etcd"]["pids"])
     )
     click.echo(f"  etcd:     {health or '-'}")
     click.echo(f"  {'NODE':<22} {'ROLE':<12} {'NETNS':<6} PROCESSES")

@@ -204,3 +204,27 @@ def test_existing_name_is_refused() -> None:
         assert all(procs.is_alive(r) for r in tb.state.procs)  # the first one is untouched
     finally:
         tbmod.down(name)
+
+
+def test_three_member_etcd_cluster_survives_a_member_kill(tmp_path: Path) -> None:
+    topo_file = tmp_path / "three.toml"
+    topo_file.write_text(default_topology_text().replace("etcd_members = 1", "etcd_members = 3"))
+    name = unique_name("m")
+    tb = tbmod.up(load_topology(topo_file), name=name, mode="protego")
+    pids = all_pids(tb)
+    try:
+        assert len(tb.state.etcd_endpoints) == 3
+        cluster = tb.etcd_cluster()
+        assert cluster is not None and all(cluster.pids)
+        cluster.kill_member(0)
+        store = tb.etcd()
+        try:
+            store.put("/protego-testbed/probe", b"still-here")
+            kv = store.get("/protego-testbed/probe")
+            assert kv is not None and kv.value == b"still-here"
+        finally:
+            store.close()
+    finally:
+        tbmod.down(name)
+    assert leftovers(name, pids, tb.plan.host_ifname) == []
+
