@@ -14,12 +14,16 @@ import sys
 import click
 
 from protego import __version__
+from protego.context import CliContext
 from protego.errors import ProtegoError
 
 # name -> "module:attribute" of a click command or group
 _COMMANDS: dict[str, str] = {
     "testbed": "protego.testbed.cli:testbed",
     "sim": "protego.sim.cli:sim",
+    "tenant": "protego.control.cli:tenant",
+    "tunnel": "protego.control.cli:tunnel",
+    "sa": "protego.control.cli:sa",
 }
 
 
@@ -41,12 +45,18 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 @click.version_option(__version__, prog_name="protego")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("--etcd", "etcd", envvar="PROTEGO_ETCD", default=None, metavar="HOST:PORT[,...]",
+              help="etcd endpoints (default: the running testbed's).")
+@click.option("--testbed", "testbed_name", envvar="PROTEGO_TESTBED", default=None, metavar="NAME",
+              help="Use the etcd of this testbed.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, etcd: str | None, testbed_name: str | None) -> None:
     """Protego: multitenant, distributed IPsec VPN gateway service."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    ctx.obj = CliContext(etcd_option=etcd, testbed_option=testbed_name)
 
 
 def main() -> None:

@@ -46,3 +46,31 @@ def netns_factory() -> Iterator[Callable[[str], str]]:
     yield make
     for name in reversed(created):
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="session")
+def etcd_loopback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """One real etcd member on loopback (free ports) for the whole session; stopped by PID."""
+    from protego.store.server import EtcdCluster
+
+    base = tmp_path_factory.mktemp("etcd")
+    cluster = EtcdCluster(unique_name("e"), str(base / "data"), str(base / "logs"), members=1)
+    cluster.start(wait=True)
+    try:
+        yield list(cluster.endpoints)
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def etcd(etcd_loopback: list[str]) -> Iterator["object"]:
+    """An etcd client on an empty Protego keyspace (wiped before and after the test)."""
+    from protego.store.etcd import Etcd
+
+    client = Etcd(etcd_loopback)
+    client.delete_prefix("/protego/")
+    try:
+        yield client
+    finally:
+        client.delete_prefix("/protego/")
+        client.close()

@@ -1,0 +1,145 @@
+"""Tenants and tunnels in a real etcd, through the store and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from protego.control.model import Tenant, Tunnel, secret_key, tunnel_key
+from protego.control.store import ControlStore
+from protego.errors import ConfigError, ConflictError
+
+PSK = b"0123456789abcdef0123456789abcdef"
+
+
+def tun(tenant: str = "acme", name: str = "hq", ts: str = "10.201.0.0/24") -> Tunnel:
+    return Tunnel(tenant=tenant, name=name, remote_addrs="198.18.1.1", remote_ts=(ts,))
+
+
+@pytest.fixture
+def store(etcd) -> ControlStore:  # type: ignore[no-untyped-def]
+    s = ControlStore(etcd)
+    s.add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
+    return s
+
+
+def snapshot(etcd) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    _rev, kvs = etcd.get_prefix("/protego/")
+    return {kv.key: kv.value for kv in kvs}
+
+
+def test_duplicates_are_refused_and_change_nothing(store, etcd) -> None:  # type: ignore[no-untyped-def]
+    before = snapshot(etcd)
+    with pytest.raises(ConflictError, match="tenant acme already exists"):
+        store.add_tenant(Tenant("acme", 2000, "10.2.0.0/24", "203.0.113.99"))
+    with pytest.raises(ConflictError, match="VNI 1001 is already used by tenant acme"):
+        store.add_tenant(Tenant("globex", 1001, "10.1.0.0/24", "203.0.113.12"))
+    with pytest.raises(ConflictError, match="VIP 203.0.113.11 is already used by tenant acme"):
+        store.add_tenant(Tenant("globex", 1002, "10.1.0.0/24", "203.0.113.11"))
+    assert snapshot(etcd) == before
+    # overlapping prefixes across tenants are fine
+    store.add_tenant(Tenant("globex", 1002, "10.1.0.0/24", "203.0.113.12"))
+    assert [t.name for t in store.list_tenants()] == ["acme", "globex"]
+
+
+def test_tunnel_lifecycle(store, etcd) -> None:  # type: ignore[no-untyped-def]
+    store.add_tunnel(tun(), PSK)
+    assert etcd.get(secret_key("acme", "hq")).value == PSK
+    assert store.get_tunnel("acme", "hq") == tun()
+    with pytest.raises(ConflictError, match="already exists"):
+        store.add_tunnel(tun(), PSK)
+    before = snapshot(etcd)
+    with pytest.raises(ConfigError, match="overlaps 10.201.0.0/24 of tunnel hq"):
+        store.add_tunnel(tun(name="branch", ts="10.201.0.0/16"), PSK)
+    with pytest.raises(ConfigError, match="unknown tenant 'nobody'"):
+        store.add_tunnel(tun(tenant="nobody"), PSK)
+    with pytest.raises(ConfigError, match="at least 16 bytes"):
+        store.add_tunnel(tun(name="short"), b"short")
+    assert snapshot(etcd) == before
+    store.remove_tunnel("acme", "hq")
+    assert etcd.get(tunnel_key("acme", "hq")) is None and etcd.get(secret_key("acme", "hq")) is None
+    with pytest.raises(ConfigError, match="unknown tunnel 'acme/hq'"):
+        store.remove_tunnel("acme", "hq")
+
+
+def test_concurrent_overlapping_tunnels_only_one_wins(store) -> None:  # type: ignore[no-untyped-def]
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            store.add_tunnel(tun(name=f"t{i}", ts=f"10.201.{i}.0/24" if i % 2 else "10.201.0.0/16"), PSK)
+            results.append(f"t{i}")
+        except (ConfigError, ConflictError):
+            pass
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tunnels = store.list_tunnels("acme")
+    assert sorted(t.name for t in tunnels) == sorted(results)
+    # whatever won, no two remaining tunnels overlap
+    from protego.control.model import overlapping_selectors
+
+    for t in tunnels:
+        assert overlapping_selectors(t, tunnels) is None
+
+
+def test_tenant_removal(store, etcd) -> None:  # type: ignore[no-untyped-def]
+    store.add_tunnel(tun(), PSK)
+    with pytest.raises(ConfigError, match="still has tunnels \\(hq\\)"):
+        store.remove_tenant("acme")
+    assert store.remove_tenant("acme", with_tunnels=True) == ["hq"]
+    assert snapshot(etcd) == {}
+
+
+def cli(etcd_loopback: list[str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "protego", "--etcd", ",".join(etcd_loopback), *args],
+                          capture_output=True, input=stdin, timeout=60)
+
+
+def test_cli_round_trip(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped-def]
+    r = cli(etcd_loopback, "tenant", "add", "acme", "--vni", "1001", "--network", "10.1.0.0/24",
+            "--vip", "203.0.113.11")
+    assert r.returncode == 0, r.stderr
+    r = cli(etcd_loopback, "tunnel", "add", "acme/hq", "--remote-addrs", "198.18.1.1", "--remote-ts",
+            "10.201.0.0/24", "--rate", "100", "--psk-file", "-", stdin=PSK + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert etcd.get(secret_key("acme", "hq")).value == PSK  # trailing newline stripped
+    listed = json.loads(cli(etcd_loopback, "tunnel", "list", "--json").stdout)
+    assert [(t["tenant"], t["name"], t["rate_mbps"]) for t in listed] == [("acme", "hq", 100.0)]
+    shown = cli(etcd_loopback, "tunnel", "show", "acme/hq").stdout
+    assert b"remote_addrs: 198.18.1.1" in shown and PSK not in shown
+    tenants = json.loads(cli(etcd_loopback, "tenant", "list", "--json").stdout)
+    assert tenants == [{"name": "acme", "vni": 1001, "network": "10.1.0.0/24", "vip": "203.0.113.11",
+                        "tunnels": 1}]
+    assert json.loads(cli(etcd_loopback, "sa", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["tunnel", "add", "acme/x", "--remote-addrs", "198.18.1", "--remote-ts", "10.9.0.0/24"], b"malformed address"),
+    (["tunnel", "add", "acme/x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24",
+      "--esp-proposals", "3des-md5"], b"not supported by Protego's data plane"),
+    (["tunnel", "add", "nobody/x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24"],
+     b"unknown tenant 'nobody'"),
+    (["tunnel", "add", "acme-x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24"],
+     b"expected TENANT/TUNNEL"),
+    (["tenant", "add", "bad", "--vni", "1001", "--network", "10.5.0.0/24", "--vip", "203.0.113.50"],
+     b"VNI 1001 is already used"),
+    (["tunnel", "remove", "acme/none"], b"unknown tunnel 'acme/none'"),
+])
+def test_cli_bad_input_one_clear_error(etcd, etcd_loopback, args, msg) -> None:  # type: ignore[no-untyped-def]
+    ControlStore(etcd).add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
+    before = snapshot(etcd)
+    r = cli(etcd_loopback, *args, stdin=PSK)
+    assert r.returncode != 0
+    assert msg in r.stderr, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert snapshot(etcd) == before
