@@ -24,6 +24,7 @@ _COMMANDS: dict[str, str] = {
     "tenant": "protego.control.cli:tenant",
     "tunnel": "protego.control.cli:tunnel",
     "sa": "protego.control.cli:sa",
+    "gmn": "protego.gmn.cli:gmn",
 }
 
 

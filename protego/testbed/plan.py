@@ -195,12 +195,15 @@ def build_plan(topo: Topology, name: str, mode: Mode, mgmt_index: int) -> Plan:
             plan.namespaces.append(Namespace(node, ns(node), "gmn"))
             attach("fab", "fab0", node, "fab0", (_cidr(fab_hosts[10 + i - 1], topo.fabric),))
             mgmt_attach(node, 10 + i)
+            # replies leave from the VIP (held on lo by the agent) through the GIN
+            plan.routes.append(Route(ns(node), "default", str(fab_hosts[0])))
         for i in range(1, topo.gpns + 1):
             node = f"gpn{i}"
             addr = fab_hosts[20 + i - 1]
             plan.namespaces.append(Namespace(node, ns(node), "gpn"))
             attach("fab", "fab0", node, "fab0", (_cidr(addr, topo.fabric),))
             mgmt_attach(node, 20 + i)
+            plan.routes.append(Route(ns(node), "default", str(fab_hosts[0])))
             for t in topo.tenants:
                 gateway_vteps[t.name].append(str(addr))
         for t in topo.tenants:

@@ -49,6 +49,9 @@ charon {{
     block_threshold = 10000
     cookie_threshold = 10000
     init_limit_half_open = 10000
+    # a dead peer is noticed within seconds (DPD every 5 s, retransmits 1, 1.4, 2, 2.7 s)
+    retransmit_timeout = 1.0
+    retransmit_base = 1.4
     retransmit_tries = 3
     install_virtual_ip = no
     plugins {{
@@ -96,7 +99,7 @@ def _conn(
         remote_addrs = {remote_addr}
         proposals = {ike}
         encap = yes
-        dpd_delay = 10s
+        dpd_delay = 5s
         rekey_time = 4h
         local {{
             auth = psk

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ from protego.testbed.strongswan import (
     strongswan_conf,
 )
 from protego.testbed.topology import TESTBED_NAME_RE, Topology, load_topology
-from protego.testbed.vici_client import ViciClient
+from protego.vici_client import ViciClient
 
 log = logging.getLogger(__name__)
 
 CHARON = "/usr/lib/ipsec/charon"
+KERNEL_PROTEGO_SO = "/usr/lib/ipsec/plugins/libstrongswan-kernel-protego.so"
 SWANCTL = "/usr/sbin/swanctl"
 TESTBED_ETCD_PREFIX = "/protego-testbed/"
 
@@ -209,6 +211,12 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
                 if ch.kind == "baseline":
                     _start_charon(tb, ch.node, baseline_swanctl_conf(topo, topo.tenant(ch.tenant)),
                                   [s.name for s in topo.sites_of(ch.tenant)], store)
+        if plan.mode == "protego":
+            progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
+            for node in ("gmn1", "gmn2"):
+                _start_gmn(tb, node)
+            progress(f"creating {len(topo.tenants)} tenants and {len(topo.sites)} tunnels with the protego CLI")
+            _create_tenants_and_tunnels(tb, store)
         progress(f"starting {len(topo.sites)} site gateways (strongSwan, kernel-libipsec)")
         for ch in plan.charons:
             if ch.kind == "site":
@@ -262,6 +270,76 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     )
     if res.returncode != 0:
         raise TestbedError(f"swanctl --load-conns on {node} failed: {res.stdout.strip()} {res.stderr.strip()}")
+
+
+def protego_cli(tb: Testbed, *args: str, stdin: bytes | None = None, timeout: float = 60) -> str:
+    """Run the protego CLI against the testbed's etcd, as an operator would."""
+    res = subprocess.run(
+        [sys.executable, "-m", "protego", "--etcd", ",".join(tb.state.etcd_endpoints), *args],
+        input=stdin, capture_output=True, timeout=timeout,
+    )
+    if res.returncode != 0:
+        raise TestbedError(f"protego {' '.join(args[:3])} failed: {res.stderr.decode(errors='replace').strip()}")
+    return res.stdout.decode()
+
+
+def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
+    topo = tb.topology
+    for t in topo.tenants:
+        protego_cli(tb, "tenant", "add", t.name, "--vni", str(t.vni), "--network", str(t.network),
+                    "--vip", str(t.vip))
+    for s in topo.sites:
+        kv = store.get(f"{TESTBED_ETCD_PREFIX}{tb.name}/sites/{s.name}/psk")
+        if kv is None:
+            raise TestbedError(f"PSK of site {s.name} missing from etcd")
+        protego_cli(tb, "tunnel", "add", f"{s.tenant}/{s.name}", "--remote-addrs", str(s.public),
+                    "--remote-ts", str(s.network), "--ike-proposals", s.ike_proposal,
+                    "--esp-proposals", s.esp_proposal, "--psk-file", "-", stdin=kv.value)
+
+
+def gmn_paths(tb: Testbed, node: str) -> tuple[Path, Path, Path]:
+    """(strongswan.conf, VICI socket, plugin socket) of a GMN's charon."""
+    d = tb.state.node_dir(node)
+    return d / "strongswan.conf", d / "charon.vici", d / "gmn-plugin.sock"
+
+
+def _start_gmn(tb: Testbed, node: str) -> None:
+    from protego.gmn.charon_conf import gmn_strongswan_conf
+
+    st = tb.state
+    if not Path(KERNEL_PROTEGO_SO).exists():
+        raise TestbedError(f"{KERNEL_PROTEGO_SO} is missing: run charon-plugins/build.sh (bootstrap.sh does)")
+    conf, vici_sock, plugin_sock = gmn_paths(tb, node)
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(gmn_strongswan_conf(vici_sock, plugin_sock, st.logs / f"{node}.charon.log"))
+    fabric = next(v.addrs_b[0].split("/")[0] for v in tb.plan.veths if v.ns_b == tb.ns(node) and v.name_b == "fab0")
+    agent = procs.spawn(
+        node, "gmn-agent", tb.ns(node),
+        [sys.executable, "-m", "protego", "-v", "--etcd", ",".join(st.etcd_endpoints), "gmn", "run",
+         "--node", node, "--vici", str(vici_sock), "--plugin-socket", str(plugin_sock),
+         "--fabric-addr", fabric],
+        st.logs / f"{node}.agent.log",
+    )
+    st.procs.append(agent)
+    st.save()
+    _wait_path(plugin_sock, agent, f"the gmn agent on {node}")
+    charon = procs.spawn(
+        node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",
+        private_run=True, env={"STRONGSWAN_CONF": str(conf)},
+    )
+    st.procs.append(charon)
+    st.save()
+    _wait_path(vici_sock, charon, f"charon on {node}")
+
+
+def _wait_path(path: Path, rec: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not procs.is_alive(rec):
+            raise TestbedError(f"{what} exited during start-up (see {rec.log})")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{what} did not create {path} within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def _psk_owners(tb: Testbed, site_name: str) -> list[str]:

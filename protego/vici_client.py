@@ -1,4 +1,4 @@
-"""A small VICI client for the testbed's own strongSwan peers.
+"""A small VICI client: the GMN agent's and the testbed's way to drive charon.
 
 Wraps the ``vici`` package (replies are bytes; ``initiate``/``terminate`` return
 generators that must be consumed).  Secrets are passed straight to charon and
@@ -119,3 +119,47 @@ class ViciClient:
                         "remote_ts": child.get("remote-ts"),
                     })
                 yield rec
+
+    # ------------------------------------------------------------ connections
+    def get_conns(self) -> list[str]:
+        return [c.decode() if isinstance(c, bytes) else c for c in self.session.get_conns().get("conns", [])]
+
+    def load_conn(self, name: str, body: dict[str, Any]) -> None:
+        try:
+            self.session.load_conn({name: body})
+        except vici.exception.CommandException as exc:
+            raise PeerError(f"charon refused connection {name}: {exc}") from None
+
+    def unload_conn(self, name: str) -> None:
+        try:
+            self.session.unload_conn({"name": name})
+        except vici.exception.CommandException as exc:
+            raise PeerError(f"charon could not unload connection {name}: {exc}") from None
+
+    def unload_shared(self, secret_id: str) -> None:
+        try:
+            self.session.unload_shared({"id": secret_id})
+        except vici.exception.CommandException as exc:
+            raise PeerError(f"charon could not unload shared secret {secret_id}: {exc}") from None
+
+    def get_shared(self) -> list[str]:
+        keys = self.session.get_shared().get("keys", [])
+        return [k.decode() if isinstance(k, bytes) else k for k in keys]
+
+    def terminate_ike(self, ike: str, timeout_ms: int = 2000) -> None:
+        """Close every IKE_SA of connection ``ike`` (consumes VICI's log generator)."""
+        try:
+            for _ in self.session.terminate({"ike": ike, "timeout": str(timeout_ms), "force": "yes"}):
+                pass
+        except vici.exception.CommandException:
+            pass  # nothing to terminate
+
+    def rekey_child(self, child_id: int | str) -> None:
+        try:
+            self.session.rekey({"child-id": str(child_id)})
+        except vici.exception.CommandException as exc:
+            raise PeerError(f"charon could not rekey CHILD_SA {child_id}: {exc}") from None
+
+    def raw_sas(self) -> list[dict[str, Any]]:
+        """list-sas as plain dicts (bytes decoded): [{ike_name: {...}}, ...]."""
+        return [_s(dict(e)) for e in self.session.list_sas({})]

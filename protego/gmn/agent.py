@@ -1,0 +1,421 @@
+"""The ``protego gmn`` agent: charon under Protego's control.
+
+One reconcile loop:
+
+* mirrors ``/protego/v1/`` from etcd (:class:`~protego.store.view.PrefixView`);
+* keeps charon loaded with every tenant's tunnels (VICI ``load-shared`` then
+  ``load-conn``; removals ``terminate`` + ``unload-conn`` + ``unload-shared``), only
+  while this GMN is the elected active one;
+* holds every tenant's VIP on ``lo`` (labelled ``lo:pg`` so it removes only its own);
+* serves the kernel-protego plugin (:class:`~protego.gmn.plugin_server.PluginServer`):
+  allocates inbound SPIs unique per VIP through etcd, places every new CHILD_SA on
+  a GPN and writes its SA record and steering entries in one etcd transaction
+  before charon's ``add_sa`` returns, removes them on ``del_sa``, answers
+  ``query_sa`` from the GPNs' counters, and converges etcd to the plugin's state
+  dump after every (re)connect.
+
+Keys are kept in memory and etcd only; logs carry SPIs, tenants and tunnels.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protego.control.model import PREFIX, Tenant, Tunnel
+from protego.errors import PeerError, ProtegoError
+from protego.gmn import plugin_protocol as pp
+from protego.gmn.connections import desired_connections, fingerprint, secret_id, split_conn_name
+from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
+from protego.gmn.plugin_server import Counters, Event, PluginServer
+from protego.gmn.records import (
+    Owner,
+    find_owner,
+    placement_key,
+    sa_key,
+    sa_record,
+    spi_hex,
+    spi_reservation_key,
+    sastats_key,
+    steer_in_key,
+    steer_out_key,
+    steer_out_record,
+    steer_in_record,
+)
+from protego.store.etcd import DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, mod_revision_is
+from protego.store.view import PrefixView
+from protego.vici_client import ViciClient
+
+log = logging.getLogger(__name__)
+
+LEADER_KEY = f"{PREFIX}gmn/leader"
+VIP_LABEL = "lo:pg"
+
+
+@dataclass(frozen=True)
+class GmnConfig:
+    node: str
+    etcd: list[str]
+    vici_socket: str
+    plugin_socket: str
+    fabric_addr: str = ""
+    lease_ttl: int = 5
+    resync_interval: float = 30.0
+    manage_vips: bool = True
+
+
+@dataclass
+class _State:
+    leader: bool = False
+    loaded: dict[str, str] = field(default_factory=dict)  # conn name -> fingerprint
+    pending_gpn: dict[tuple[str, str], str] = field(default_factory=dict)  # newest inbound placement
+
+
+class GmnAgent:
+    def __init__(self, cfg: GmnConfig, etcd: Etcd) -> None:
+        self.cfg = cfg
+        self.etcd = etcd
+        self.view = PrefixView(on_change=self._kick)
+        self.state = _State()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lease: Lease | None = None
+        self._watch: Any = None
+        self._thread: threading.Thread | None = None
+        self._sa_lock = threading.Lock()
+        self.server = PluginServer(
+            cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
+            on_change=self._on_plugin_event,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "GmnAgent":
+        self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._kick())
+        self.etcd.put_json(f"{PREFIX}gmn/members/{self.cfg.node}",
+                           {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr}, lease=self._lease)
+        self._watch = self.etcd.snapshot_and_watch(PREFIX, self.view, resync_interval=self.cfg.resync_interval,
+                                                   name="gmn-view")
+        self.view.synced.wait(10)
+        self.server.start()
+        self._thread = threading.Thread(target=self._loop, name="gmn-reconcile", daemon=True)
+        self._thread.start()
+        log.info("gmn agent %s started (plugin socket %s)", self.cfg.node, self.cfg.plugin_socket)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(10)
+        self.server.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._lease is not None:
+            try:
+                self._lease.revoke()
+            except ProtegoError:
+                pass
+        log.info("gmn agent %s stopped", self.cfg.node)
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        last_full = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._elect()
+                if self.cfg.manage_vips:
+                    self._reconcile_vips()
+                full = time.monotonic() - last_full > self.cfg.resync_interval
+                self._reconcile_conns(force_check=full)
+                if full:
+                    last_full = time.monotonic()
+                    self._reconcile_records()
+            except ProtegoError as exc:
+                log.warning("gmn reconcile failed (%s); retrying", exc)
+                time.sleep(0.5)
+                self._wake.set()
+            except OSError as exc:
+                log.warning("gmn reconcile failed (%s); retrying", exc)
+                time.sleep(0.5)
+                self._wake.set()
+
+    # ------------------------------------------------------------------ leadership
+    def _elect(self) -> None:
+        assert self._lease is not None
+        kv = self.view.get(LEADER_KEY)
+        cur = kv.json() if kv is not None else None
+        if kv is not None and cur.get("node") == self.cfg.node and kv.lease != self._lease.id:
+            # we restarted while our old lease still holds the key: adopt it under our
+            # new lease at once, so its expiry does not hand leadership away
+            adopted = self.etcd.txn(
+                [mod_revision_is(LEADER_KEY, kv.mod_revision)],
+                [PutOp(LEADER_KEY, encode_json({**cur, "since": cur.get("since", time.time())}),
+                       lease=self._lease.id)],
+            ).succeeded
+            log.info("gmn %s %s its leadership under a new lease", self.cfg.node,
+                     "kept" if adopted else "could not keep")
+        if cur is not None:
+            was = self.state.leader
+            self.state.leader = cur.get("node") == self.cfg.node
+            if was != self.state.leader:
+                log.info("gmn %s is now %s", self.cfg.node, "active" if self.state.leader else "standby")
+            return
+        won = self.etcd.txn(
+            [key_absent(LEADER_KEY)],
+            [PutOp(LEADER_KEY, encode_json({"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr,
+                                            "since": time.time()}), lease=self._lease.id)],
+        ).succeeded
+        if won:
+            log.info("gmn %s won the election: active", self.cfg.node)
+        self.state.leader = won
+
+    # ------------------------------------------------------------------ desired state
+    def tenants(self) -> list[Tenant]:
+        return [Tenant.from_json(v) for v in self.view.json_items(f"{PREFIX}tenants/").values()]
+
+    def tunnels(self) -> list[Tunnel]:
+        return [Tunnel.from_json(v) for v in self.view.json_items(f"{PREFIX}tunnels/").values()]
+
+    def _secrets(self) -> dict[tuple[str, str], bytes]:
+        out = {}
+        for kv in self.view.items(f"{PREFIX}secrets/"):
+            parts = kv.key[len(PREFIX) + len("secrets/"):].split("/")
+            if len(parts) == 2:
+                out[(parts[0], parts[1])] = kv.value
+        return out
+
+    # ------------------------------------------------------------------ VIPs on lo
+    def _reconcile_vips(self) -> None:
+        from pyroute2 import IPRoute
+
+        # both GMNs hold the VIPs: the GIN steers IKE to the active one only
+        want = {t.vip for t in self.tenants()}
+        with IPRoute() as ip:
+            lo = ip.link_lookup(ifname="lo")[0]
+            have = {}
+            for a in ip.get_addr(index=lo, family=2):
+                if a.get_attr("IFA_LABEL") == VIP_LABEL:
+                    have[a.get_attr("IFA_ADDRESS")] = a
+            for vip in sorted(want - set(have)):
+                ip.addr("add", index=lo, address=vip, prefixlen=32, label=VIP_LABEL)
+                log.info("VIP %s added on lo", vip)
+            for vip in sorted(set(have) - want):
+                ip.addr("del", index=lo, address=vip, prefixlen=32)
+                log.info("VIP %s removed from lo", vip)
+
+    # ------------------------------------------------------------------ charon connections
+    def _reconcile_conns(self, force_check: bool = False) -> None:
+        secrets_ = self._secrets()
+        desired = desired_connections(self.tenants(), self.tunnels(), set(secrets_)) if self.state.leader else {}
+        if not force_check and {n: fingerprint(*d) for n, d in desired.items()} == self.state.loaded:
+            return
+        with ViciClient(self.cfg.vici_socket) as v:
+            loaded = {n for n in v.get_conns() if split_conn_name(n)}
+            for name, (body, owners) in sorted(desired.items()):
+                fp = fingerprint(body, owners)
+                if name in loaded and self.state.loaded.get(name) == fp:
+                    continue
+                tenant, tunnel = split_conn_name(name)  # type: ignore[misc]
+                # the secret first: a connection is never loaded without its PSK
+                v.load_psk(secret_id(tenant, tunnel), secrets_[(tenant, tunnel)], owners)
+                v.load_conn(name, body)
+                self.state.loaded[name] = fp
+                log.info("tunnel %s/%s loaded into charon", tenant, tunnel)
+            for name in sorted(loaded - set(desired)):
+                tenant, tunnel = split_conn_name(name)  # type: ignore[misc]
+                v.terminate_ike(name)
+                v.unload_conn(name)
+                try:
+                    v.unload_shared(secret_id(tenant, tunnel))
+                except PeerError:
+                    pass
+                self.state.loaded.pop(name, None)
+                log.info("tunnel %s/%s removed from charon", tenant, tunnel)
+            for name in list(self.state.loaded):
+                if name not in desired:
+                    self.state.loaded.pop(name)
+
+    # ------------------------------------------------------------------ GPNs
+    def gpn_views(self) -> dict[str, GpnView]:
+        nodes = self.view.json_items(f"{PREFIX}gpn/nodes/")
+        health = self.view.json_items(f"{PREFIX}gpn/health/")
+        counts: dict[str, int] = {}
+        for p in self.view.json_items(f"{PREFIX}placement/").values():
+            counts[p.get("gpn", "")] = counts.get(p.get("gpn", ""), 0) + 1
+        out = {}
+        for key, _node in nodes.items():
+            name = key.rsplit("/", 1)[1]
+            h = health.get(f"{PREFIX}gpn/health/{name}", {})
+            out[name] = GpnView(name, True, h.get("state", "alive") != "dead", counts.get(name, 0))
+        return out
+
+    # ------------------------------------------------------------------ plugin callbacks
+    def _allocate_spi(self, req: pp.GetSpi, in_use: set[int]) -> int:
+        assert req.dst is not None
+        vip = str(req.dst.address)
+        lease = self._lease.id if self._lease else 0
+        for _ in range(64):
+            spi = 0xC0000000 | secrets.randbits(30)
+            if spi in in_use:
+                continue
+            ok = self.etcd.txn(
+                [key_absent(spi_reservation_key(vip, spi)), key_absent(sa_key(vip, spi))],
+                [PutOp(spi_reservation_key(vip, spi), self.cfg.node.encode(), lease=lease)],
+            ).succeeded
+            if ok:
+                return spi
+        raise PeerError(f"could not reserve an inbound SPI for VIP {vip}")
+
+    def _counters(self, q: pp.QuerySa) -> Counters | None:
+        rec = self._find_record(q.spi, str(q.dst.address) if q.dst else None)
+        if rec is None:
+            return None
+        key, r = rec
+        stats = self.view.get_json(sastats_key(r["vip"], q.spi))
+        if not stats:
+            return None
+        last = stats.get("last_use")
+        idle = int(max(0, time.time() - last)) if last else None
+        return Counters(bytes=int(stats.get("bytes", 0)), packets=int(stats.get("packets", 0)), idle=idle)
+
+    def _on_plugin_event(self, ev: Event) -> None:
+        try:
+            if ev.kind == "add_sa":
+                assert isinstance(ev.message, pp.AddSa)
+                self._add_sa(ev.message)
+            elif ev.kind == "del_sa":
+                assert isinstance(ev.message, pp.DelSa)
+                self._del_sa(ev.message.spi, str(ev.message.dst.address) if ev.message.dst else None)
+            elif ev.kind == "update_sa":
+                assert isinstance(ev.message, pp.UpdateSa)
+                self._update_sa(ev.message)
+            elif ev.kind in ("dump", "flush_sas"):
+                if ev.kind == "dump":
+                    # the plugin (re)connected: charon may have restarted, so whatever
+                    # we loaded before may be gone; reload (existing SAs are unaffected)
+                    self.state.loaded.clear()
+                    self._kick()
+                self._reconcile_records()
+        except ProtegoError as exc:
+            log.error("handling %s failed: %s", ev.kind, exc)
+
+    def _find_record(self, spi: int, dst: str | None) -> tuple[str, dict[str, Any]] | None:
+        hexspi = spi_hex(spi)
+        for key, rec in self.view.json_items(f"{PREFIX}sas/").items():
+            if rec.get("spi") == hexspi and (dst is None or rec.get("dst") == dst):
+                return key, rec
+        return None
+
+    def _add_sa(self, sa: pp.AddSa) -> None:
+        owner = find_owner(sa, self.tenants(), self.tunnels())
+        if owner is None:
+            log.error("SA %08x (%s -> %s) belongs to no known tunnel; not placed", sa.spi, sa.src, sa.dst)
+            return
+        t, tun = owner.tenant.name, owner.tunnel.name
+        with self._sa_lock:
+            placement = self.view.get_json(placement_key(t, tun)) or {}
+            if sa.inbound:
+                try:
+                    gpn = choose_gpn(self.gpn_views(), placement.get("gpn"), placement.get("next_gpn"))
+                except NoGpnError as exc:
+                    log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
+                    return
+                self.state.pending_gpn[(t, tun)] = gpn
+            else:
+                gpn = self.state.pending_gpn.pop((t, tun), None) or placement.get("gpn") or ""
+                if not gpn:
+                    try:
+                        gpn = choose_gpn(self.gpn_views(), None, placement.get("next_gpn"))
+                    except NoGpnError as exc:
+                        log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
+                        return
+            rec = sa_record(sa, owner, gpn, self.cfg.node)
+            ops = [PutOp(sa_key(owner.vip, sa.spi), encode_json(rec))]
+            if sa.inbound:
+                ops += [PutOp(steer_in_key(owner.vip, sa.spi), encode_json(steer_in_record(owner, gpn))),
+                        DeleteOp(spi_reservation_key(owner.vip, sa.spi))]
+            else:
+                ops += [PutOp(steer_out_key(t, tun), encode_json(steer_out_record(owner, gpn, sa.spi, rec["local_ts"]))),
+                        PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+            self.etcd.txn([], ops)
+            # keep the local mirror current before charon continues (the watch follows)
+            log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
+
+    def _del_sa(self, spi: int, dst: str | None) -> None:
+        with self._sa_lock:
+            found = self._find_record(spi, dst)
+            if found is None:
+                # perhaps not yet mirrored: look it up in etcd itself
+                for vip in {t.vip for t in self.tenants()}:
+                    kv = self.etcd.get(sa_key(vip, spi))
+                    if kv is not None and (dst is None or kv.json().get("dst") == dst):
+                        found = (kv.key, kv.json())
+                        break
+            if found is None:
+                return
+            key, rec = found
+            ops: list[Any] = [DeleteOp(key), DeleteOp(sastats_key(rec["vip"], spi))]
+            if rec["direction"] == "in":
+                ops += [DeleteOp(steer_in_key(rec["vip"], spi)), DeleteOp(spi_reservation_key(rec["vip"], spi))]
+            else:
+                ops += self._repoint_outbound(rec, exclude=key)
+            self.etcd.txn([], ops)
+            log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
+
+    def _repoint_outbound(self, rec: dict[str, Any], exclude: str) -> list[Any]:
+        """After an outbound SA goes, steer the tunnel to its newest remaining outbound SA."""
+        t, tun = rec["tenant"], rec["tunnel"]
+        cur = self.view.get_json(steer_out_key(t, tun)) or {}
+        if cur.get("spi") not in (None, rec["spi"]):
+            return []
+        others = [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+                  if k != exclude and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]
+        if not others:
+            return [DeleteOp(steer_out_key(t, tun))]
+        _k, newest = max(others, key=lambda kr: kr[1].get("created", 0))
+        tenant = next((x for x in self.tenants() if x.name == t), None)
+        tunnel = next((x for x in self.tunnels() if x.tenant == t and x.name == tun), None)
+        if tenant is None or tunnel is None:
+            return [DeleteOp(steer_out_key(t, tun))]
+        owner = Owner(tenant, tunnel)
+        return [PutOp(steer_out_key(t, tun), encode_json(
+            steer_out_record(owner, newest["gpn"], int(newest["spi"], 16), newest["local_ts"])))]
+
+    def _update_sa(self, msg: pp.UpdateSa) -> None:
+        with self._sa_lock:
+            found = self._find_record(msg.spi, str(msg.dst.address) if msg.dst else None)
+            if found is None or msg.new_src is None or msg.new_dst is None:
+                return
+            key, rec = found
+            rec.update(src=str(msg.new_src.address), dst=str(msg.new_dst.address),
+                       sport=msg.new_src.port, dport=msg.new_dst.port,
+                       encap=bool(msg.flags & pp.SaFlag.NEW_ENCAP) or rec.get("encap", False))
+            self.etcd.put(key, encode_json(rec))
+
+    # ------------------------------------------------------------------ convergence
+    def _reconcile_records(self) -> None:
+        """Make etcd's SA records of this GMN match what charon has installed."""
+        if not self.server.connected or not self.state.leader:
+            return
+        with self.server._lock:  # a consistent copy of the plugin's view
+            installed = {(k[0], k[2]): rec.sa for k, rec in self.server.sas.items()}
+        records = {(int(r["spi"], 16), r["dst"]): (k, r)
+                   for k, r in self.view.json_items(f"{PREFIX}sas/").items() if r.get("gmn") == self.cfg.node}
+        for (spi, dst) in sorted(set(records) - set(installed)):
+            log.info("SA %08x is gone from charon: removing its record", spi)
+            self._del_sa(spi, dst)
+        for (spi, dst) in sorted(set(installed) - set(records)):
+            log.info("SA %08x has no record: writing it", spi)
+            self._add_sa(installed[(spi, dst)])
+

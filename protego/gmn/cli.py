@@ -1,0 +1,52 @@
+"""``protego gmn``: run the GMN agent (inside the GMN's network namespace)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import click
+
+from protego.context import CliContext
+from protego.errors import ProtegoError
+
+log = logging.getLogger(__name__)
+
+
+@click.group()
+def gmn() -> None:
+    """The management node agent (charon under Protego's control)."""
+
+
+@gmn.command()
+@click.option("--node", required=True, help="This GMN's name (e.g. gmn1).")
+@click.option("--vici", "vici_socket", required=True, help="Path of charon's VICI socket.")
+@click.option("--plugin-socket", required=True, help="Path of the kernel-protego plugin socket to serve.")
+@click.option("--fabric-addr", default="", help="This GMN's fabric address (where the GIN steers IKE).")
+@click.option("--lease-ttl", type=click.IntRange(2, 60), default=5, show_default=True)
+@click.option("--resync", "resync_interval", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              help="Seconds between full resyncs.")
+@click.option("--no-vips", is_flag=True, help="Do not manage tenant VIPs on lo.")
+@click.pass_context
+def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str,
+        lease_ttl: int, resync_interval: float, no_vips: bool) -> None:
+    """Run the GMN agent until SIGTERM/SIGINT."""
+    from protego.gmn.agent import GmnAgent, GmnConfig
+
+    obj = ctx.find_object(CliContext) or CliContext()
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        cfg = GmnConfig(node=node, etcd=obj.etcd_endpoints(), vici_socket=vici_socket,
+                        plugin_socket=plugin_socket, fabric_addr=fabric_addr, lease_ttl=lease_ttl,
+                        resync_interval=resync_interval, manage_vips=not no_vips)
+        agent = GmnAgent(cfg, obj.etcd()).start()
+    except ProtegoError as exc:
+        raise click.ClickException(str(exc)) from None
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    agent.stop()
+    obj.close()

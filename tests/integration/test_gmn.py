@@ -1,0 +1,349 @@
+"""The GMN in the testbed: real site peers negotiate with the GMN's charon.
+
+Before GIN/GEN steering exists, the test routes the VIPs from the GIN's namespace
+straight to gmn1 (sites reach the GMN directly) and registers two GPNs in etcd,
+so the agent can place SAs. Checked: SA records carry the peers' SPIs and the
+real keys, rekeys (VICI and lifetime) replace records, the agent and charon
+survive restarts, 100 tunnels come up through one GMN.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from protego.control.model import PREFIX, Tenant, Tunnel
+from protego.control.store import ControlStore
+from protego.testbed import procs
+from protego.testbed import testbed as tbmod
+from protego.testbed.topology import load_topology
+from protego.vici_client import ViciClient
+from tests.conftest import unique_name
+
+pytestmark = pytest.mark.root
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        val = pred()
+        if val:
+            return val
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+class Bed:
+    """A protego-mode testbed with sites routed straight to gmn1."""
+
+    def __init__(self, tb: tbmod.Testbed) -> None:
+        self.tb = tb
+        self.etcd = tb.etcd()
+        self.store = ControlStore(self.etcd)
+        self.gpn_lease = self.etcd.lease(30)
+
+    def site_vici(self, site: str) -> ViciClient:
+        return self.tb.vici(f"s-{site}")
+
+    def gmn_vici(self) -> ViciClient:
+        return ViciClient(tbmod.gmn_paths(self.tb, "gmn1")[1])
+
+    def records(self, tenant: str | None = None) -> dict[str, dict[str, Any]]:
+        _rev, kvs = self.etcd.get_prefix(f"{PREFIX}sas/")
+        recs = {kv.key: kv.json() for kv in kvs}
+        return {k: r for k, r in recs.items() if tenant is None or r["tenant"] == tenant}
+
+    def peer_child(self, site: str) -> dict[str, Any] | None:
+        with self.site_vici(site) as v:
+            for sa in v.list_sas(site):
+                if sa.get("child_state") == "INSTALLED":
+                    return sa
+        return None
+
+    def initiate(self, site: str, child: str | None = None, tries: int = 3) -> None:
+        """Initiate a CHILD_SA from a site (retried: an earlier attempt may still be pending)."""
+        import vici
+
+        for attempt in range(tries):
+            try:
+                with self.site_vici(site) as v:
+                    for _ in v.session.initiate({"child": child or site, "timeout": "10000"}):
+                        pass
+                return
+            except vici.exception.CommandException:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    name = unique_name("g")
+    tb = tbmod.up(load_topology(None), name=name, mode="protego")
+    b = None
+    try:
+        fab_gmn1 = "192.0.2.11"
+        subprocess.run(["ip", "-n", tb.ns("inet"), "route", "add", "203.0.113.0/24", "via", str(tb.topology.gin)],
+                       check=False)
+        subprocess.run(["ip", "-n", tb.ns("lb"), "route", "add", "203.0.113.0/24", "via", fab_gmn1], check=True)
+        b = Bed(tb)
+        for g in ("gpn1", "gpn2"):
+            b.etcd.put_json(f"{PREFIX}gpn/nodes/{g}", {"node": g}, lease=b.gpn_lease)
+        for s in tb.topology.sites:
+            b.initiate(s.name)
+        wait_until(lambda: all(b.peer_child(s.name) for s in tb.topology.sites), 30, "every site's CHILD_SA")
+        yield b
+    finally:
+        if b is not None:
+            b.etcd.close()
+        tbmod.down(name)
+
+
+def sa_pairs(bed: Bed, tenant: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {"in": set(), "out": set()}
+    for r in bed.records(tenant).values():
+        out[r["direction"]].add(r["spi"])
+    return out
+
+
+def test_sa_records_match_the_peers(bed: Bed) -> None:
+    for s in bed.tb.topology.sites:
+        peer = bed.peer_child(s.name)
+        assert peer is not None
+        want = {"in": {peer["spi_out"]}, "out": {peer["spi_in"]}}
+        wait_until(lambda: sa_pairs(bed, s.tenant) == want, 10, f"records of {s.name}")
+        for key, r in bed.records(s.tenant).items():
+            assert r["suite"] == "aes128gcm16" and peer["encr"] == "AES_GCM_16"
+            assert r["gpn"] in ("gpn1", "gpn2") and r["gmn"] == "gmn1"
+            assert r["vip"] == str(bed.tb.topology.tenant(s.tenant).vip)
+            assert len(base64.b64decode(r["enc_key"])) == 20  # 16-byte key + 4-byte salt
+            spi = int(r["spi"], 16)
+            if r["direction"] == "in":
+                steer = bed.etcd.get(f"{PREFIX}steer/in/{r['vip']}/{r['spi']}")
+                assert steer is not None and steer.json()["gpn"] == r["gpn"]
+            else:
+                steer = bed.etcd.get(f"{PREFIX}steer/out/{s.tenant}/{s.name}")
+                assert steer is not None and steer.json()["spi"] == f"{spi:08x}"
+    # the CLI shows the same, without keys
+    out = subprocess.run([sys.executable, "-m", "protego", "--etcd", ",".join(bed.tb.state.etcd_endpoints),
+                          "sa", "list", "--json"], capture_output=True, text=True, check=True).stdout
+    import json
+
+    listed = json.loads(out)
+    assert {r["spi"] for r in listed} == {r["spi"] for r in bed.records().values()}
+    assert "enc_key" not in out and "integ_key" not in out
+
+
+CAPTURE = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    s.bind(("fab0", 0))
+    s.settimeout(10)
+    spi = bytes.fromhex(sys.argv[1])
+    end = time.time() + 10
+    while time.time() < end:
+        frame = s.recv(65535)
+        ip = frame[14:]
+        ihl = (ip[0] & 15) * 4
+        if ip[9] != 17:
+            continue
+        udp = ip[ihl:]
+        if int.from_bytes(udp[2:4], "big") != 4500 or udp[8:12] != spi:
+            continue
+        print(udp[8:].hex())
+        break
+""")
+
+
+def test_exported_inbound_key_decrypts_what_the_peer_sends(bed: Bed) -> None:
+    site = bed.tb.topology.sites[0]
+    tenant = bed.tb.topology.tenant(site.tenant)
+    rec = next(r for r in bed.records(site.tenant).values() if r["direction"] == "in")
+    cap = subprocess.Popen(["ip", "netns", "exec", bed.tb.ns("gmn1"), sys.executable, "-c", CAPTURE, rec["spi"]],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(["ip", "netns", "exec", bed.tb.ns(f"s-{site.name}-h1"), "ping", "-c", "3", "-i", "0.2", "-W", "1",
+                    str(tenant.hosts[0])], capture_output=True)
+    esp = bytes.fromhex(cap.communicate(timeout=15)[0].strip())
+    assert esp, "no ESP packet from the peer reached the GMN"
+    keymat = base64.b64decode(rec["enc_key"])
+    key, salt = keymat[:-4], keymat[-4:]
+    iv, ct = esp[8:16], esp[16:]
+    plain = AESGCM(key).decrypt(salt + iv, ct, esp[:8])  # raises if the key is not the real one
+    assert plain[-1] == 4  # next header: IPv4
+    inner = plain[: len(plain) - 2 - plain[-2]]  # payload || padding || pad length || next header
+    assert inner[0] >> 4 == 4
+    import ipaddress
+
+    assert ipaddress.IPv4Address(inner[12:16]) == site.hosts[0]
+    assert ipaddress.IPv4Address(inner[16:20]) == tenant.hosts[0]
+    assert inner[20] == 8  # ICMP echo request
+
+
+def test_vici_rekey_replaces_the_records(bed: Bed) -> None:
+    site = bed.tb.topology.sites[1]
+    before = sa_pairs(bed, site.tenant)
+    peer = bed.peer_child(site.name)
+    assert peer is not None
+    with bed.site_vici(site.name) as v:
+        v.rekey_child(peer["child_id"])
+    new_peer = wait_until(lambda: (c := bed.peer_child(site.name)) and c["spi_in"] != peer["spi_in"] and c,
+                          15, "the peer's new CHILD_SA")
+    want = {"in": {new_peer["spi_out"]}, "out": {new_peer["spi_in"]}}
+    # old SAs disappear once charon deletes them (rekeyed inbound SAs linger ~5 s)
+    wait_until(lambda: sa_pairs(bed, site.tenant) == want, 20, "records of the rekeyed SAs only")
+    assert not (before["in"] & want["in"]) and not (before["out"] & want["out"])
+
+
+def test_lifetime_driven_rekey(bed: Bed) -> None:
+    """A tunnel whose CHILD_SA lifetime is short on the GMN side is rekeyed by the
+    plugin's expire timers (no kernel raises them here)."""
+    bed.store.add_tenant(Tenant("lt", 1999, "10.99.0.0/24", "203.0.113.99"))
+    psk = os.urandom(24).hex().encode()
+    site = bed.tb.topology.sites[0]
+    bed.store.add_tunnel(Tunnel(tenant="lt", name="short", remote_addrs=str(site.public),
+                                remote_ts=(str(site.network),), rekey_time=6, life_time=12), psk)
+    with bed.site_vici(site.name) as v:
+        v.load_psk("lt-short", psk, [str(site.public), "203.0.113.99"])
+        v.load_conn("lt-short", {
+            "version": "2", "local_addrs": [str(site.public)], "remote_addrs": ["203.0.113.99"],
+            "proposals": ["aes128gcm16-prfsha256-ecp256"], "encap": "yes",
+            "local-1": {"auth": "psk", "id": str(site.public)}, "remote-1": {"auth": "psk", "id": "203.0.113.99"},
+            "children": {"lt-short": {"local_ts": [str(site.network)], "remote_ts": ["10.99.0.0/24"],
+                                      "esp_proposals": ["aes128gcm16"], "rekey_time": "1h"}},
+        })
+    try:
+        wait_until(lambda: "lt_short" in gmn_conns(bed), 10, "the tunnel loaded into the GMN's charon")
+        bed.initiate(site.name, "lt-short")
+        first = wait_until(lambda: sa_pairs(bed, "lt")["in"], 10, "the first SA records")
+        # rekey at ~6 s (minus jitter); the old SAs go when charon deletes them
+        wait_until(lambda: (p := sa_pairs(bed, "lt")["in"]) and not (p & first), 30,
+                   "a lifetime rekey and the removal of the first SAs")
+
+        def peer_current_recorded() -> bool:
+            peer = [sa for sa in _site_sas(bed, site.name) if sa["ike"] == "lt-short"]
+            return bool(peer) and peer[0]["child_state"] == "INSTALLED" and \
+                peer[0]["spi_out"] in sa_pairs(bed, "lt")["in"]
+
+        wait_until(peer_current_recorded, 10, "the peer's current SA in the records")
+    finally:
+        bed.store.remove_tenant("lt", with_tunnels=True)
+        with bed.site_vici(site.name) as v:
+            v.terminate_ike("lt-short")
+            v.unload_conn("lt-short")
+        # removing the tunnel removes every trace of it on the GMN side
+        wait_until(lambda: not bed.records("lt") and "lt_short" not in gmn_conns(bed), 15,
+                   "the removed tunnel's connection and records to go")
+
+
+def gmn_conns(bed: Bed) -> list[str]:
+    with bed.gmn_vici() as v:
+        return v.get_conns()
+
+
+def _site_sas(bed: Bed, site: str) -> list[dict[str, Any]]:
+    with bed.site_vici(site) as v:
+        return list(v.list_sas())
+
+
+def _procs(bed: Bed, kind: str) -> list[procs.ProcRecord]:
+    return [r for r in bed.tb.state.procs if r.node == "gmn1" and r.kind == kind and procs.is_alive(r)]
+
+
+def _respawn(bed: Bed, rec: procs.ProcRecord, env: dict[str, str] | None = None, private_run: bool = False) -> None:
+    new = procs.spawn(rec.node, rec.kind, bed.tb.ns(rec.node), rec.cmd, bed.tb.state.logs / f"{rec.node}.{rec.kind}.log",
+                      env=env, private_run=private_run)
+    bed.tb.state.procs.append(new)
+    bed.tb.state.save()
+
+
+def test_agent_kill9_and_restart_drops_no_tunnel(bed: Bed) -> None:
+    ike_before = {s.name: bed.peer_child(s.name) for s in bed.tb.topology.sites}
+    recs_before = {k: (r["spi"], r["gpn"]) for k, r in bed.records().items()}
+    [agent] = _procs(bed, "gmn-agent")
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_until(lambda: not procs.is_alive(agent), 5, "the agent to die")
+    _respawn(bed, agent)
+    time.sleep(8)  # past the old lease's TTL: leadership must not have moved
+    leader = bed.etcd.get(f"{PREFIX}gmn/leader").json()
+    assert leader["node"] == "gmn1"
+    for s in bed.tb.topology.sites:
+        now = bed.peer_child(s.name)
+        assert now is not None, f"{s.name}'s tunnel dropped"
+        assert (now["ike_spi_i"], now["spi_in"]) == (ike_before[s.name]["ike_spi_i"], ike_before[s.name]["spi_in"])
+    wait_until(lambda: {k: (r["spi"], r["gpn"]) for k, r in bed.records().items()} == recs_before, 10,
+               "SA records to converge")
+
+
+def test_charon_restart_reestablishes_and_converges(bed: Bed) -> None:
+    [charon] = _procs(bed, "charon")
+    old = {s.name: bed.peer_child(s.name)["spi_in"] for s in bed.tb.topology.sites}  # type: ignore[index]
+    os.kill(charon.pid, signal.SIGKILL)
+    wait_until(lambda: not procs.is_alive(charon), 5, "charon to die")
+    conf = tbmod.gmn_paths(bed.tb, "gmn1")[0]
+    _respawn(bed, charon, env={"STRONGSWAN_CONF": str(conf)}, private_run=True)
+    # the peers notice by DPD and restart their tunnels; the agent reloads the connections
+    for s in bed.tb.topology.sites:
+        new = wait_until(lambda s=s: (c := bed.peer_child(s.name)) and c["spi_in"] != old[s.name] and c, 45,
+                         f"{s.name}'s tunnel to be re-established")
+        wait_until(lambda s=s, new=new: sa_pairs(bed, s.tenant) == {"in": {new["spi_out"]}, "out": {new["spi_in"]}},
+                   15, f"records of {s.name} to converge")
+
+
+def test_100_tunnels_through_one_gmn(bed: Bed) -> None:
+    """100 tenants, one tunnel each, from one site gateway: time and memory."""
+    site = bed.tb.topology.sites[2]
+    subprocess.run(["ip", "-n", bed.tb.ns("inet"), "route", "replace", "100.64.0.0/16", "via",
+                    str(bed.tb.topology.gin)], check=True)
+    subprocess.run(["ip", "-n", bed.tb.ns("lb"), "route", "replace", "100.64.0.0/16", "via", "192.0.2.11"], check=True)
+    psk = b"scale-test-psk-0123456789"
+    t0 = time.monotonic()
+    with bed.site_vici(site.name) as v:
+        for i in range(100):
+            vip = f"100.64.{i // 250}.{i % 250 + 1}"
+            name = f"s{i:03d}"
+            bed.store.add_tenant(Tenant(name, 3000 + i, f"10.{100 + i // 100}.{i % 100}.0/24", vip))
+            bed.store.add_tunnel(Tunnel(tenant=name, name="t", remote_addrs=str(site.public),
+                                        remote_ts=(str(site.network),)), psk)
+            v.load_psk(f"scale-{i}", psk, [str(site.public), vip])
+            v.load_conn(name, {
+                "version": "2", "local_addrs": [str(site.public)], "remote_addrs": [vip],
+                "proposals": ["aes128gcm16-prfsha256-ecp256"], "encap": "yes",
+                "local-1": {"auth": "psk", "id": str(site.public)}, "remote-1": {"auth": "psk", "id": vip},
+                "children": {name: {"local_ts": [str(site.network)],
+                                    "remote_ts": [f"10.{100 + i // 100}.{i % 100}.0/24"],
+                                    "esp_proposals": ["aes128gcm16"]}},
+            })
+    wait_until(lambda: sum(1 for c in gmn_conns(bed) if c.startswith("s") and c.endswith("_t")) == 100, 60,
+               "100 connections loaded into the GMN's charon")
+    t_loaded = time.monotonic()
+    with bed.site_vici(site.name) as v:
+        for i in range(100):
+            for _ in v.session.initiate({"child": f"s{i:03d}", "timeout": "-1"}):  # do not wait
+                pass
+    wait_until(lambda: len({r["tenant"] for r in bed.records().values() if r["tenant"].startswith("s")
+                            and r["direction"] == "out"}) == 100, 120, "SA records of 100 tunnels", step=0.5)
+    t_up = time.monotonic()
+    [charon] = _procs(bed, "charon")
+    [agent] = _procs(bed, "gmn-agent")
+
+    def rss(pid: int) -> float:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    print(f"\n100 tunnels: loaded in {t_loaded - t0:.1f} s, all up (records written) {t_up - t_loaded:.1f} s later; "
+          f"charon RSS {rss(charon.pid):.1f} MB, agent RSS {rss(agent.pid):.1f} MB")
+    assert rss(charon.pid) > 0 and rss(agent.pid) > 0
