@@ -1,0 +1,1 @@
+"""Benchmarks (micro-benchmarks of the data path; the tunnel benchmark comes later)."""
