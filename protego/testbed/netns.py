@@ -137,8 +137,14 @@ def apply_plan(plan: Plan, on_netns_created: Callable[[str], None], on_host_link
                 vxlan_port=4789, vxlan_link=_index(ip, x.underlay), vxlan_learning=1,
             )
             idx = _index(ip, x.name)
+            if x.mac:
+                ip.link("set", index=idx, address=x.mac)
             for remote in x.remotes:
                 ip.fdb("append", ifindex=idx, lladdr="00:00:00:00:00:00", dst=remote)
+            for mac, vtep in x.fdb:
+                ip.fdb("append", ifindex=idx, lladdr=mac, dst=vtep)
+            for addr, mac in x.neigh:
+                ip.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)  # NUD_PERMANENT
             _add_addrs(ip, x.name, x.addrs)
             ip.link("set", index=idx, state="up")
 

@@ -29,6 +29,14 @@ Mode = Literal["protego", "baseline"]
 MODES: tuple[Mode, ...] = ("protego", "baseline")
 
 VXLAN_PORT = 4789
+# In protego mode every tenant network's gateway address (held by Protego: the GEN
+# steers, GPNs answer) has this MAC, reached through the GIN/GEN's VTEP.
+GATEWAY_MAC = "02:00:00:00:00:01"
+
+
+def tenant_host_mac(vni: int, index: int) -> str:
+    """A deterministic MAC for a tenant host (what the VNET directory publishes)."""
+    return f"02:{(vni >> 16) & 255:02x}:{(vni >> 8) & 255:02x}:{vni & 255:02x}:00:{index & 255:02x}"
 MGMT_SUPERNET = ipaddress.IPv4Network("198.19.0.0/16")
 HOST_IFNAME_PREFIX = "pm"
 
@@ -79,6 +87,9 @@ class Vxlan:
     underlay: str  # ifname of the underlay device
     addrs: tuple[str, ...]
     remotes: tuple[str, ...]  # head-end replication: flood to these VTEPs
+    mac: str | None = None
+    neigh: tuple[tuple[str, str], ...] = ()  # static (ip, mac) entries
+    fdb: tuple[tuple[str, str], ...] = ()  # static (mac, vtep) entries
 
 
 @dataclass(frozen=True)
@@ -237,9 +248,12 @@ def build_plan(topo: Topology, name: str, mode: Mode, mgmt_index: int) -> Plan:
             plan.namespaces.append(Namespace(node, ns(node), "tenant-host", tenant=t.name))
             fab_addr = host_fab[(t.name, j)]
             attach("fab", "fab0", node, "fab0", (_cidr(ipaddress.IPv4Address(fab_addr), topo.fabric),))
+            static: dict[str, tuple[tuple[str, str], ...]] = {}
+            if mode == "protego":
+                static = {"neigh": ((str(t.gateway), GATEWAY_MAC),), "fdb": ((GATEWAY_MAC, str(fab_hosts[0])),)}
             plan.vxlans.append(
                 Vxlan(ns(node), "tnet0", t.vni, fab_addr, "fab0", (_cidr(h, t.network),),
-                      tuple(gateway_vteps[t.name]))
+                      tuple(gateway_vteps[t.name]), mac=tenant_host_mac(t.vni, j), **static)
             )
             plan.routes.append(Route(ns(node), "default", str(t.gateway)))
     if mode == "baseline":

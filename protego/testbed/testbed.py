@@ -189,12 +189,15 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
     netns.apply_plan(plan, journal_ns, journal_link)
 
     progress(f"starting etcd ({topo.etcd_members} member{'s' if topo.etcd_members > 1 else ''})")
+    def journal_etcd(state: dict[str, Any]) -> None:
+        st.extra["etcd"] = state
+        st.save()
+
     cluster = EtcdCluster(
         f"{st.name}-etcd", str(st.root / "etcd"), str(st.logs), members=topo.etcd_members,
-        client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"),
+        client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"), on_state=journal_etcd,
     )
-    st.extra["etcd"] = cluster.state()
-    st.save()
+    journal_etcd(cluster.state())
     cluster.start(wait=True)
     st.extra["etcd"] = cluster.state()
     st.etcd_endpoints = list(cluster.endpoints)
@@ -283,8 +286,19 @@ def protego_cli(tb: Testbed, *args: str, stdin: bytes | None = None, timeout: fl
     return res.stdout.decode()
 
 
+def _publish_vnet_directory(tb: Testbed, store: Any) -> None:
+    """What the cloud's virtual-network control plane knows: where each tenant host is."""
+    for x in tb.plan.vxlans:
+        node = next(n for n in tb.plan.namespaces if n.name == x.ns)
+        if node.role != "tenant-host":
+            continue
+        ip = x.addrs[0].split("/")[0]
+        store.put_json(f"/protego/v1/vnet/{x.vni}/{ip}", {"mac": x.mac, "vtep": x.local, "tenant": node.tenant})
+
+
 def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
     topo = tb.topology
+    _publish_vnet_directory(tb, store)
     for t in topo.tenants:
         protego_cli(tb, "tenant", "add", t.name, "--vni", str(t.vni), "--network", str(t.network),
                     "--vip", str(t.vip))
