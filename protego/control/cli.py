@@ -233,6 +233,31 @@ def tunnel_remove(ctx: click.Context, ref: str) -> None:
     click.echo(f"tunnel {tenant_name}/{name} removed")
 
 
+@tunnel.command("migrate")
+@click.argument("ref", metavar="TENANT/TUNNEL")
+@click.option("--to", "target", required=True, help="The GPN to move the tunnel to.")
+@click.option("--timeout", type=click.FloatRange(1, 600), default=45.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_errors
+def tunnel_migrate(ctx: click.Context, ref: str, target: str, timeout: float, as_json: bool) -> None:
+    """Move TENANT/TUNNEL to another GPN by rekeying it (no packet lost)."""
+    from protego.control.migrate import migrate
+
+    tenant_name, name = _split_ref(ref)
+    _store(ctx)  # resolves etcd
+    etcd = ctx.find_object(CliContext).etcd()  # type: ignore[union-attr]
+    res = migrate(etcd, tenant_name, name, target, timeout,
+                  progress=None if as_json else (lambda m: click.echo(m, err=True)))
+    if as_json:
+        click.echo(json.dumps(res.__dict__))
+    elif res.state == "done":
+        click.echo(f"tunnel {ref} moved {res.source} -> {res.target}: switched in {res.switch_ms:.0f} ms, "
+                   f"source cleaned after {res.total_ms:.0f} ms")
+    if res.state != "done":
+        raise click.ClickException(f"migration of {ref} failed: {res.detail}")
+
+
 # =========================================================================== sa
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from protego.control.model import PREFIX, Tenant, Tunnel
 from protego.errors import PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
-from protego.gmn.connections import desired_connections, fingerprint, secret_id, split_conn_name
+from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
 from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
 from protego.gmn.plugin_server import Counters, Event, PluginServer
 from protego.gmn.records import (
@@ -53,6 +53,10 @@ from protego.vici_client import ViciClient
 log = logging.getLogger(__name__)
 
 LEADER_KEY = f"{PREFIX}gmn/leader"
+MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
+EVENTS_PREFIX = f"{PREFIX}events/"
+MIGRATION_TIMEOUT = 30.0
+MAX_EVENTS = 500
 VIP_LABEL = "lo:pg"
 
 
@@ -73,6 +77,7 @@ class _State:
     leader: bool = False
     loaded: dict[str, str] = field(default_factory=dict)  # conn name -> fingerprint
     pending_gpn: dict[tuple[str, str], str] = field(default_factory=dict)  # newest inbound placement
+    pinned: dict[tuple[str, str], str] = field(default_factory=dict)  # migration targets not yet mirrored
 
 
 class GmnAgent:
@@ -138,6 +143,8 @@ class GmnAgent:
                     self._reconcile_vips()
                 full = time.monotonic() - last_full > self.cfg.resync_interval
                 self._reconcile_conns(force_check=full)
+                if self.state.leader:
+                    self._handle_migrations()
                 if full:
                     last_full = time.monotonic()
                     self._reconcile_records()
@@ -325,18 +332,20 @@ class GmnAgent:
         t, tun = owner.tenant.name, owner.tunnel.name
         with self._sa_lock:
             placement = self.view.get_json(placement_key(t, tun)) or {}
+            pinned = self.state.pinned.get((t, tun)) or placement.get("next_gpn")
             if sa.inbound:
                 try:
-                    gpn = choose_gpn(self.gpn_views(), placement.get("gpn"), placement.get("next_gpn"))
+                    gpn = choose_gpn(self.gpn_views(), placement.get("gpn"), pinned)
                 except NoGpnError as exc:
                     log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
                     return
                 self.state.pending_gpn[(t, tun)] = gpn
             else:
                 gpn = self.state.pending_gpn.pop((t, tun), None) or placement.get("gpn") or ""
+                self.state.pinned.pop((t, tun), None)  # the pin is consumed by this CHILD_SA
                 if not gpn:
                     try:
-                        gpn = choose_gpn(self.gpn_views(), None, placement.get("next_gpn"))
+                        gpn = choose_gpn(self.gpn_views(), None, pinned)
                     except NoGpnError as exc:
                         log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
                         return
@@ -402,6 +411,96 @@ class GmnAgent:
                        sport=msg.new_src.port, dport=msg.new_dst.port,
                        encap=bool(msg.flags & pp.SaFlag.NEW_ENCAP) or rec.get("encap", False))
             self.etcd.put(key, encode_json(rec))
+
+    # ------------------------------------------------------------------ migration (paper §4.5)
+    def _handle_migrations(self) -> None:
+        """Requests under ``requests/migrate/<tenant>/<tunnel>``: pin the tunnel's next
+        placement to the target GPN and ask charon to rekey its CHILD_SA; the new SAs
+        land on the target (``_add_sa``), steering follows the records, charon deletes
+        the old SAs and their records go with them."""
+        for key, req in self.view.json_items(MIGRATE_PREFIX).items():
+            parts = key[len(MIGRATE_PREFIX):].split("/")
+            if len(parts) != 2:
+                continue
+            tenant, tunnel = parts
+            state = req.get("state", "requested")
+            try:
+                if state == "requested":
+                    self._start_migration(key, tenant, tunnel, req)
+                elif state == "rekeying":
+                    self._check_migration(key, tenant, tunnel, req)
+            except ProtegoError as exc:
+                self._finish_migration(key, tenant, tunnel, req, "failed", str(exc))
+
+    def _start_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any]) -> None:
+        target = str(req.get("to", ""))
+        gpns = self.gpn_views()
+        if target not in gpns or not gpns[target].usable:
+            self._finish_migration(key, tenant, tunnel, req, "failed", f"GPN {target!r} is not a healthy GPN")
+            return
+        if self.view.get(f"{PREFIX}tunnels/{tenant}/{tunnel}") is None:
+            self._finish_migration(key, tenant, tunnel, req, "failed", "no such tunnel")
+            return
+        name = conn_name(tenant, tunnel)
+        with ViciClient(self.cfg.vici_socket) as v:
+            child = next((sa for sa in v.list_sas(name) if sa.get("child_state") == "INSTALLED"), None)
+            if child is None:
+                self._finish_migration(key, tenant, tunnel, req, "failed", "the tunnel has no established CHILD_SA")
+                return
+            place = self.view.get_json(placement_key(tenant, tunnel)) or {}
+            source = place.get("gpn")
+            with self._sa_lock:
+                self.state.pinned[(tenant, tunnel)] = target
+                self.etcd.put_json(placement_key(tenant, tunnel), {**place, "next_gpn": target})
+                self.etcd.put_json(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
+                                         "old_spi_in": child.get("spi_in"), "by": self.cfg.node})
+            self._event("migration-started", tenant, tunnel, f"{source} -> {target}")
+            v.rekey_child(child["child_id"])
+        log.info("tunnel %s/%s: migrating %s -> %s (rekey of CHILD_SA %s)", tenant, tunnel, source, target,
+                 child["child_id"])
+
+    def _check_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any]) -> None:
+        target = req["to"]
+        recs = [r for r in self.view.json_items(f"{PREFIX}sas/").values()
+                if r.get("tenant") == tenant and r.get("tunnel") == tunnel]
+        out = self.view.get_json(steer_out_key(tenant, tunnel)) or {}
+        switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs)
+        if switched and "switched" not in req:
+            req = {**req, "switched": time.time()}
+            self.etcd.put_json(key, req)
+            self._event("migration-switched", tenant, tunnel, f"now on {target}")
+        if switched and all(r["gpn"] == target for r in recs):
+            self._finish_migration(key, tenant, tunnel, req, "done", f"moved to {target}")
+        elif time.time() - float(req.get("started", 0)) > MIGRATION_TIMEOUT:
+            self._finish_migration(key, tenant, tunnel, req, "failed",
+                                   f"not on {target} after {MIGRATION_TIMEOUT:.0f} s")
+
+    def _finish_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any], state: str,
+                          detail: str) -> None:
+        self.etcd.put_json(key, {**req, "state": state, "detail": detail, "finished": time.time()})
+        if state == "failed":
+            with self._sa_lock:
+                self.state.pinned.pop((tenant, tunnel), None)
+                place = self.view.get_json(placement_key(tenant, tunnel))
+                if place and place.get("next_gpn"):
+                    place.pop("next_gpn")
+                    self.etcd.put_json(placement_key(tenant, tunnel), place)
+        self._event(f"migration-{state}", tenant, tunnel, detail)
+        (log.info if state == "done" else log.warning)("tunnel %s/%s: migration %s: %s", tenant, tunnel,
+                                                       state, detail)
+
+    # ------------------------------------------------------------------ events
+    def _event(self, kind: str, tenant: str | None = None, tunnel: str | None = None, detail: str = "") -> None:
+        now = time.time()
+        key = f"{EVENTS_PREFIX}{now:017.6f}-{self.cfg.node}-{secrets.token_hex(2)}"
+        try:
+            self.etcd.put_json(key, {"ts": now, "kind": kind, "tenant": tenant, "tunnel": tunnel,
+                                     "node": self.cfg.node, "detail": detail})
+            events = sorted(kv.key for kv in self.view.items(EVENTS_PREFIX))
+            for old in events[: max(0, len(events) - MAX_EVENTS)]:
+                self.etcd.delete(old)
+        except ProtegoError as exc:
+            log.warning("could not record event %s: %s", kind, exc)
 
     # ------------------------------------------------------------------ convergence
     def _reconcile_records(self) -> None:

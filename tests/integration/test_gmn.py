@@ -347,3 +347,39 @@ def test_100_tunnels_through_one_gmn(bed: Bed) -> None:
     print(f"\n100 tunnels: loaded in {t_loaded - t0:.1f} s, all up (records written) {t_up - t_loaded:.1f} s later; "
           f"charon RSS {rss(charon.pid):.1f} MB, agent RSS {rss(agent.pid):.1f} MB")
     assert rss(charon.pid) > 0 and rss(agent.pid) > 0
+
+
+def test_migration_by_rekey_moves_the_records(bed: Bed) -> None:
+    """`protego tunnel migrate` pins the next placement and rekeys: the new SAs are placed on
+    the target, steering follows, the old SAs and their records leave the source."""
+    site = bed.tb.topology.sites[0]
+    ref = f"{site.tenant}/{site.name}"
+    for _round in range(2):
+        recs = bed.records(site.tenant)
+        source = next(iter({r["gpn"] for r in recs.values()}))
+        target = "gpn2" if source == "gpn1" else "gpn1"
+        peer_before = bed.peer_child(site.name)
+        res = subprocess.run([sys.executable, "-m", "protego", "--etcd", ",".join(bed.tb.state.etcd_endpoints),
+                              "tunnel", "migrate", ref, "--to", target, "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        import json
+
+        out = json.loads(res.stdout)
+        assert (out["state"], out["source"], out["target"]) == ("done", source, target)
+        assert 0 < out["switch_ms"] <= out["total_ms"]
+        recs = bed.records(site.tenant)
+        assert {r["gpn"] for r in recs.values()} == {target}
+        peer = bed.peer_child(site.name)
+        assert peer is not None and peer["spi_in"] != peer_before["spi_in"]  # type: ignore[index]
+        assert peer["ike_spi_i"] == peer_before["ike_spi_i"]  # type: ignore[index]  # same IKE SA
+        assert sa_pairs(bed, site.tenant) == {"in": {peer["spi_out"]}, "out": {peer["spi_in"]}}
+        steer = bed.etcd.get(f"{PREFIX}steer/out/{site.tenant}/{site.name}").json()
+        assert steer["gpn"] == target
+    # a migration to an unknown GPN fails cleanly and changes nothing
+    res = subprocess.run([sys.executable, "-m", "protego", "--etcd", ",".join(bed.tb.state.etcd_endpoints),
+                          "tunnel", "migrate", ref, "--to", "gpn9"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not a healthy GPN" in res.stderr
+    assert {r["gpn"] for r in bed.records(site.tenant).values()} == {target}
+    events = [kv.json()["kind"] for kv in bed.etcd.get_prefix(f"{PREFIX}events/")[1]]
+    assert events.count("migration-done") == 2 and "migration-failed" in events

@@ -1,0 +1,87 @@
+"""Live tunnel migration requests (paper §4.5), as the CLI and the controller make them.
+
+A request is one etcd key, ``requests/migrate/<tenant>/<tunnel>``; the active GMN
+agent carries it out (pin the next placement, rekey the CHILD_SA) and records its
+progress in the same key: ``requested`` → ``rekeying`` (+ ``switched``) → ``done`` or
+``failed``.  The requester removes the key once it has read the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from protego.control.model import PREFIX, tunnel_key
+from protego.errors import ConfigError, ConflictError, PeerError
+from protego.store.etcd import Etcd, PutOp, key_absent, key_present
+
+MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
+
+
+def request_key(tenant: str, tunnel: str) -> str:
+    return f"{MIGRATE_PREFIX}{tenant}/{tunnel}"
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    tenant: str
+    tunnel: str
+    source: str | None
+    target: str
+    state: str  # done | failed
+    detail: str
+    switch_ms: float | None  # request -> new SAs on the target and outbound switched
+    total_ms: float  # request -> old SAs gone from the source
+
+
+def request_migration(etcd: Etcd, tenant: str, tunnel: str, target: str) -> float:
+    """Write the request (refused if the tunnel is unknown or already migrating). Returns its time."""
+    now = time.time()
+    res = etcd.txn(
+        [key_present(tunnel_key(tenant, tunnel)), key_absent(request_key(tenant, tunnel))],
+        [PutOp(request_key(tenant, tunnel), json.dumps({"to": target, "state": "requested",
+                                                        "requested": now}).encode())],
+    )
+    if not res.succeeded:
+        if etcd.get(tunnel_key(tenant, tunnel)) is None:
+            raise ConfigError(f"unknown tunnel '{tenant}/{tunnel}'")
+        raise ConflictError(f"tunnel {tenant}/{tunnel} is already being migrated")
+    return now
+
+
+def wait_migration(etcd: Etcd, tenant: str, tunnel: str, timeout: float = 45.0,
+                   progress: Callable[[str], None] | None = None, poll: float = 0.02) -> MigrationResult:
+    key = request_key(tenant, tunnel)
+    deadline = time.monotonic() + timeout
+    last_state = None
+    req: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        kv = etcd.get(key)
+        if kv is None:
+            raise PeerError(f"the migration request of {tenant}/{tunnel} vanished")
+        req = kv.json()
+        state = req.get("state")
+        if state != last_state and progress:
+            progress(f"{tenant}/{tunnel}: {state}" + (f" ({req['detail']})" if req.get("detail") else ""))
+        last_state = state
+        if state in ("done", "failed"):
+            etcd.delete(key)
+            t0 = float(req["requested"])
+            return MigrationResult(
+                tenant, tunnel, req.get("from"), req["to"], state, req.get("detail", ""),
+                (float(req["switched"]) - t0) * 1000 if req.get("switched") else None,
+                (float(req.get("finished", time.time())) - t0) * 1000,
+            )
+        time.sleep(poll)
+    etcd.delete(key)
+    raise PeerError(f"migration of {tenant}/{tunnel} did not finish within {timeout:.0f} s "
+                    f"(last state {last_state!r}); is a GMN agent active?")
+
+
+def migrate(etcd: Etcd, tenant: str, tunnel: str, target: str, timeout: float = 45.0,
+            progress: Callable[[str], None] | None = None) -> MigrationResult:
+    request_migration(etcd, tenant, tunnel, target)
+    return wait_migration(etcd, tenant, tunnel, timeout, progress)
