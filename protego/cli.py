@@ -25,6 +25,7 @@ _COMMANDS: dict[str, str] = {
     "tunnel": "protego.control.cli:tunnel",
     "sa": "protego.control.cli:sa",
     "gmn": "protego.gmn.cli:gmn",
+    "status": "protego.control.status:status",
 }
 
 
