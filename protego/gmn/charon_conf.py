@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from protego.strongswan_conf import charon_logging, swanctl_section
+
 GMN_PLUGINS = (
     "kernel-protego random nonce openssl kdf pem pkcs1 x509 pubkey kernel-netlink "
     "socket-default vici"
@@ -34,23 +36,6 @@ charon {{
             socket = {plugin_socket}
         }}
     }}
-    syslog {{
-        daemon {{
-            default = -1
-        }}
-    }}
-    filelog {{
-        charon {{
-            path = {log_path}
-            time_format = %b %e %T
-            ike_name = yes
-            append = yes
-            default = 1
-            flush_line = yes
-        }}
-    }}
+{charon_logging(log_path)}
 }}
-swanctl {{
-    socket = unix://{vici_socket}
-}}
-"""
+{swanctl_section(f"unix://{vici_socket}")}"""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from protego.strongswan_conf import charon_logging, swanctl_section
+
 from protego.testbed.topology import Site, Tenant, Topology
 
 # PLATFORM.md: kernel-libipsec must load before kernel-netlink; kdf is needed.
@@ -59,26 +61,9 @@ charon {{
             socket = {files.vici_uri}
         }}
     }}
-    syslog {{
-        daemon {{
-            default = -1
-        }}
-    }}
-    filelog {{
-        charon {{
-            path = {log_path}
-            time_format = %b %e %T
-            ike_name = yes
-            append = yes
-            default = 1
-            flush_line = yes
-        }}
-    }}
+{charon_logging(log_path)}
 }}
-swanctl {{
-    socket = {files.vici_uri}
-}}
-"""
+{swanctl_section(files.vici_uri)}"""
 
 
 def _conn(
