@@ -141,7 +141,8 @@ def test_down_leaves_nothing_behind() -> None:
     name = unique_name("d")
     tb = tbmod.up(load_topology(None), name=name, mode="protego")
     pids = all_pids(tb)
-    assert len(pids) == 1 + len(tb.topology.sites)  # etcd + one charon per site
+    # etcd, one charon per site, and per GMN its charon and agent
+    assert len(pids) == 1 + len(tb.topology.sites) + 2 * 2
     before = leftovers(name, pids, tb.plan.host_ifname)
     assert len([x for x in before if x.startswith("netns")]) == len(tb.plan.namespaces)
     assert f"interface {tb.plan.host_ifname}" in before

@@ -1,0 +1,1 @@
+"""GMN role: the `protego gmn` agent and its kernel-protego plugin protocol."""
