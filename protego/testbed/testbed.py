@@ -7,6 +7,7 @@ crash, and a failure half-way through ``up`` rolls everything back.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import secrets
@@ -133,16 +134,21 @@ def up(
     clash = sorted(n for n in netns.list_netns() if n.startswith(f"{name}-"))
     if clash:
         raise TestbedError(f"network namespaces {', '.join(clash[:3])} already exist; pick another name")
-    index = _pick_mgmt_index()
-    plan = build_plan(topology, name, mode, index)
-    state = TestbedState(
-        name=name, mode=mode, topology_source=topology.source, mgmt_index=index, created=time.time()
-    )
-    if netns.host_link_exists(plan.host_ifname):
-        raise TestbedError(f"host interface {plan.host_ifname} already exists; pick another name")
-    state.root.mkdir(parents=True, exist_ok=True)
-    state.logs.mkdir(parents=True, exist_ok=True)
-    state.save()
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(STATE_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # testbeds coming up side by side pick distinct subnets
+        if name in list_testbeds():
+            raise TestbedError(f"testbed '{name}' already exists; take it down first")
+        index = _pick_mgmt_index()
+        plan = build_plan(topology, name, mode, index)
+        state = TestbedState(
+            name=name, mode=mode, topology_source=topology.source, mgmt_index=index, created=time.time()
+        )
+        if netns.host_link_exists(plan.host_ifname):
+            raise TestbedError(f"host interface {plan.host_ifname} already exists; pick another name")
+        state.root.mkdir(parents=True, exist_ok=True)
+        state.logs.mkdir(parents=True, exist_ok=True)
+        state.save()
     tb = Testbed(state, topology, plan)
     try:
         _up(tb, progress, wait_tunnels)
@@ -431,10 +437,6 @@ def down(name: str, progress: Progress = _quiet) -> None:
         st.save()
         raise TestbedError(f"testbed {name} only partly removed: " + "; ".join(errors))
     shutil.rmtree(st.root, ignore_errors=False)
-    try:
-        STATE_ROOT.rmdir()  # only if no other testbed is left
-    except OSError:
-        pass
     progress(f"testbed '{name}' removed")
 
 
