@@ -48,6 +48,8 @@ from protego.gmn.records import (
 )
 from protego.store.etcd import DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, mod_revision_is
 from protego.store.view import PrefixView
+from vici import exception as vici_exception
+
 from protego.vici_client import ViciClient
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,9 @@ class GmnAgent:
         self.server.start()
         self._thread = threading.Thread(target=self._loop, name="gmn-reconcile", daemon=True)
         self._thread.start()
+        self._events_thread = threading.Thread(target=self._follow_vici_events, name="gmn-vici-events",
+                                               daemon=True)
+        self._events_thread.start()
         log.info("gmn agent %s started (plugin socket %s)", self.cfg.node, self.cfg.plugin_socket)
         return self
 
@@ -116,6 +121,8 @@ class GmnAgent:
         self._wake.set()
         if self._thread:
             self._thread.join(10)
+        if getattr(self, "_events_thread", None):
+            self._events_thread.join(5)
         self.server.stop()
         if self._watch is not None:
             self._watch.cancel()
@@ -156,6 +163,42 @@ class GmnAgent:
                 log.warning("gmn reconcile failed (%s); retrying", exc)
                 time.sleep(0.5)
                 self._wake.set()
+
+    # ------------------------------------------------------------------ VICI events
+    def _follow_vici_events(self) -> None:
+        """charon's IKE/CHILD up, down and rekey events become Protego events (and a
+        reconcile: a CHILD_SA that went down may have left records behind)."""
+        while not self._stop.is_set():
+            try:
+                with ViciClient(self.cfg.vici_socket) as v:
+                    for label, msg in v.session.listen(["ike-updown", "child-updown", "child-rekey"], 1.0):
+                        if self._stop.is_set():
+                            return
+                        if label is None:
+                            continue
+                        self._on_vici_event(label.decode() if isinstance(label, bytes) else label, msg)
+            except (OSError, ProtegoError, vici_exception.SessionException) as exc:
+                log.debug("VICI event session: %s; reconnecting", exc)
+                self._stop.wait(1.0)
+
+    def _on_vici_event(self, label: str, msg: dict[str, Any]) -> None:
+        up = msg.get("up") == b"yes"
+        for name, sa in msg.items():
+            if not isinstance(sa, dict):
+                continue
+            ids = split_conn_name(name if isinstance(name, str) else name.decode())
+            if ids is None:
+                continue
+            if label == "ike-updown":
+                kind, detail = ("ike-up" if up else "ike-down"), f"peer {sa.get('remote-host', b'').decode()}"
+            elif label == "child-updown":
+                kind, detail = ("child-up" if up else "child-down"), ""
+            else:
+                kind, detail = "child-rekey", ""
+            if self.state.leader:
+                self._event(kind, ids[0], ids[1], detail)
+            log.info("tunnel %s/%s: %s", ids[0], ids[1], kind)
+        self._kick()
 
     # ------------------------------------------------------------------ leadership
     def _elect(self) -> None:

@@ -143,6 +143,11 @@ def test_sa_records_match_the_peers(bed: Bed) -> None:
     listed = json.loads(out)
     assert {r["spi"] for r in listed} == {r["spi"] for r in bed.records().values()}
     assert "enc_key" not in out and "integ_key" not in out
+    # charon's VICI events became Protego events
+    events = {(e["kind"], e["tenant"], e["tunnel"]) for e in
+              (kv.json() for kv in bed.etcd.get_prefix(f"{PREFIX}events/")[1])}
+    for s in bed.tb.topology.sites:
+        assert ("ike-up", s.tenant, s.name) in events and ("child-up", s.tenant, s.name) in events
 
 
 CAPTURE = textwrap.dedent("""

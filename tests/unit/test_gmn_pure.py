@@ -1,0 +1,139 @@
+"""The GMN agent's pure parts: placement, charon connections, SA records."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+import pytest
+
+from protego.control.model import Tenant, Tunnel
+from protego.errors import ConfigError
+from protego.gmn import plugin_protocol as pp
+from protego.gmn.connections import (
+    conn_name,
+    connection,
+    desired_connections,
+    fingerprint,
+    secret_id,
+    split_conn_name,
+)
+from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
+from protego.gmn.records import (
+    ENCR_AES_CBC,
+    ENCR_AES_GCM_ICV16,
+    AUTH_HMAC_SHA1_96,
+    AUTH_HMAC_SHA2_256_128,
+    find_owner,
+    sa_record,
+    suite_name,
+)
+
+ACME = Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11")
+GLOBEX = Tenant("globex", 1002, "10.1.0.0/24", "203.0.113.12")
+HQ = Tunnel(tenant="acme", name="hq", remote_addrs="198.18.1.1", remote_ts=("10.201.0.0/24",))
+BRANCH = Tunnel(tenant="acme", name="branch", remote_addrs="198.18.1.1", remote_ts=("10.202.0.0/24",))
+GHQ = Tunnel(tenant="globex", name="hq", remote_addrs="198.18.2.1", remote_ts=("10.201.0.0/24",))
+
+
+# ------------------------------------------------------------------ placement
+
+def views(**kw: tuple[bool, bool, int]) -> dict[str, GpnView]:
+    return {n: GpnView(n, r, h, t) for n, (r, h, t) in kw.items()}
+
+
+def test_placement_prefers_pin_then_current_then_least_loaded() -> None:
+    g = views(gpn1=(True, True, 5), gpn2=(True, True, 1), gpn3=(True, True, 1))
+    assert choose_gpn(g, current="gpn1", pinned="gpn3") == "gpn3"
+    assert choose_gpn(g, current="gpn1") == "gpn1"  # rekeys stay put
+    assert choose_gpn(g) == "gpn2"  # fewest tunnels, then name
+
+
+def test_placement_skips_dead_and_unregistered() -> None:
+    g = views(gpn1=(True, False, 0), gpn2=(False, True, 0), gpn3=(True, True, 9))
+    assert choose_gpn(g, current="gpn1", pinned="gpn2") == "gpn3"
+    with pytest.raises(NoGpnError):
+        choose_gpn(views(gpn1=(True, False, 0)))
+
+
+# ------------------------------------------------------------------ connections
+
+def test_connection_names_round_trip() -> None:
+    assert conn_name("acme", "hq-1") == "acme_hq-1"
+    assert split_conn_name("acme_hq-1") == ("acme", "hq-1")
+    assert split_conn_name("acme-hq") is None and split_conn_name("a_b_c") is None
+    assert secret_id("acme", "hq") == "protego-psk-acme_hq"
+
+
+def test_connection_is_a_responder_with_the_tunnels_terms() -> None:
+    c = connection(ACME, HQ)
+    assert c["local_addrs"] == ["203.0.113.11"] and c["remote_addrs"] == ["198.18.1.1"]
+    assert c["local-1"] == {"auth": "psk", "id": "203.0.113.11"}
+    assert c["remote-1"] == {"auth": "psk", "id": "198.18.1.1"}
+    child = c["children"]["acme_hq"]
+    assert child["local_ts"] == ["10.1.0.0/24"] and child["remote_ts"] == ["10.201.0.0/24"]
+    assert child["start_action"] == "none" and child["esp_proposals"] == ["aes128gcm16"]
+    assert child["life_time"] == str(HQ.effective_life_time())
+    assert "psk" not in str(c).replace("'auth': 'psk'", "")  # no secret in the connection
+
+
+def test_desired_connections_leave_out_what_is_incomplete() -> None:
+    secrets = {("acme", "hq"), ("globex", "hq")}
+    d = desired_connections([ACME], [HQ, BRANCH, GHQ], secrets)
+    assert set(d) == {"acme_hq"}  # branch has no PSK yet; globex's tenant is unknown
+    body, owners = d["acme_hq"]
+    assert owners == ["203.0.113.11", "198.18.1.1"]
+    assert fingerprint(body, owners) != fingerprint(connection(ACME, BRANCH), owners)
+
+
+# ------------------------------------------------------------------ records
+
+def test_suite_names() -> None:
+    assert suite_name(ENCR_AES_GCM_ICV16, 0, 20) == "aes128gcm16"
+    assert suite_name(ENCR_AES_GCM_ICV16, 0, 36) == "aes256gcm16"
+    assert suite_name(ENCR_AES_CBC, AUTH_HMAC_SHA2_256_128, 32) == "aes256-sha256"
+    assert suite_name(ENCR_AES_CBC, AUTH_HMAC_SHA1_96, 16) == "aes128-sha1"
+    with pytest.raises(ConfigError):
+        suite_name(ENCR_AES_GCM_ICV16, 0, 28)  # AES-192
+    with pytest.raises(ConfigError):
+        suite_name(3, 0, 24)  # 3DES
+
+
+def add_sa(inbound: bool, src: str, dst: str, spi: int = 0xC0000001, src_ts: str = "10.201.0.0/24",
+           dst_ts: str = "10.1.0.0/24") -> pp.AddSa:
+    flags = pp.SaFlag.ENCAP | (pp.SaFlag.INBOUND if inbound else pp.SaFlag.NONE)
+    return pp.AddSa(
+        src=pp.Host.parse(src, 4500), dst=pp.Host.parse(dst, 4500), spi=spi, reqid=7, mode=pp.Mode.TUNNEL,
+        src_ts=(pp.TrafficSelector.from_network(src_ts),), dst_ts=(pp.TrafficSelector.from_network(dst_ts),),
+        enc_alg=ENCR_AES_GCM_ICV16, flags=flags, replay_window=32,
+        lifetime=pp.Lifetime(time_rekey=3600, time_life=3960), enc_key=pp.Secret(bytes(range(20))),
+    )
+
+
+def test_find_owner_by_vip_peer_and_selectors() -> None:
+    tenants, tunnels = [ACME, GLOBEX], [HQ, BRANCH, GHQ]
+    inbound = add_sa(True, "198.18.1.1", "203.0.113.11")
+    assert find_owner(inbound, tenants, tunnels).tunnel == HQ  # type: ignore[union-attr]
+    # same peer, other selectors: the branch tunnel
+    other = add_sa(True, "198.18.1.1", "203.0.113.11", src_ts="10.202.0.0/24")
+    assert find_owner(other, tenants, tunnels).tunnel == BRANCH  # type: ignore[union-attr]
+    # outbound: the VIP is the source
+    out = add_sa(False, "203.0.113.12", "198.18.2.1", src_ts="10.1.0.0/24", dst_ts="10.201.0.0/24")
+    owner = find_owner(out, tenants, tunnels)
+    assert owner is not None and owner.tenant == GLOBEX and owner.tunnel == GHQ
+    assert find_owner(add_sa(True, "198.18.9.9", "203.0.113.11"), tenants, tunnels) is None
+    assert find_owner(add_sa(True, "198.18.1.1", "203.0.113.99"), tenants, tunnels) is None
+
+
+def test_sa_record() -> None:
+    sa = add_sa(True, "198.18.1.1", "203.0.113.11")
+    owner = find_owner(sa, [ACME], [HQ])
+    assert owner is not None
+    rec = sa_record(sa, owner, "gpn2", "gmn1")
+    assert rec["spi"] == "c0000001" and rec["direction"] == "in" and rec["gpn"] == "gpn2"
+    assert rec["suite"] == "aes128gcm16" and rec["encap"] is True and rec["dport"] == 4500
+    assert base64.b64decode(rec["enc_key"]) == bytes(range(20))
+    assert rec["local_ts"] == ["10.1.0.0/24"] and rec["remote_ts"] == ["10.201.0.0/24"]
+    assert rec["vni"] == 1001 and ipaddress.ip_address(rec["vip"]) == ipaddress.ip_address("203.0.113.11")
+    assert rec["lifetimes"]["time_rekey"] == 3600
+    assert "Secret" not in repr(sa.enc_key) and "00010203" not in repr(sa)
