@@ -26,6 +26,7 @@ _COMMANDS: dict[str, str] = {
     "sa": "protego.control.cli:sa",
     "gmn": "protego.gmn.cli:gmn",
     "status": "protego.control.status:status",
+    "lb": "protego.lb.cli:lb",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from protego.errors import TestbedError
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
-from protego.testbed.state import STATE_ROOT, TestbedState
+from protego.testbed.state import STATE_ROOT, TestbedState, list_testbeds
 from protego.testbed.topology import default_topology_text, load_topology
 from protego.testbed.traffic import icmp_counters, ping
 from tests.conftest import unique_name
@@ -140,14 +140,16 @@ def test_psks_never_written_to_files(baseline_testbed: tbmod.Testbed) -> None:
 def test_down_leaves_nothing_behind() -> None:
     name = unique_name("d")
     tb = tbmod.up(load_topology(None), name=name, mode="protego")
-    pids = all_pids(tb)
-    # etcd, one charon per site, and per GMN its charon and agent
-    assert len(pids) == 1 + len(tb.topology.sites) + 2 * 2
-    before = leftovers(name, pids, tb.plan.host_ifname)
-    assert len([x for x in before if x.startswith("netns")]) == len(tb.plan.namespaces)
-    assert f"interface {tb.plan.host_ifname}" in before
-    assert len([x for x in before if x.startswith("process")]) == len(pids)
-    tbmod.down(name)
+    try:
+        pids = all_pids(tb)
+        # etcd, one charon per site, per GMN its charon and agent, per GPN its agent, the lb agent
+        assert len(pids) == 1 + len(tb.topology.sites) + 2 * 2 + tb.topology.gpns + 1
+        before = leftovers(name, pids, tb.plan.host_ifname)
+        assert len([x for x in before if x.startswith("netns")]) == len(tb.plan.namespaces)
+        assert f"interface {tb.plan.host_ifname}" in before
+        assert len([x for x in before if x.startswith("process")]) == len(pids)
+    finally:
+        tbmod.down(name)
     assert leftovers(name, pids, tb.plan.host_ifname) == []
 
 
@@ -155,13 +157,17 @@ def test_down_after_a_crash_uses_the_state_on_disk() -> None:
     """A crashed `up` (state phase 'creating') is still removed completely by `down`."""
     name = unique_name("c")
     tb = tbmod.up(load_topology(None), name=name, mode="protego")
-    st = TestbedState.load(name)
-    st.phase = "creating"  # as if the process died half-way
-    st.save()
-    pids = all_pids(tb)
-    res = subprocess.run([*PROTEGO, "testbed", "down", "--name", name], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert leftovers(name, pids, tb.plan.host_ifname) == []
+    try:
+        st = TestbedState.load(name)
+        st.phase = "creating"  # as if the process died half-way
+        st.save()
+        pids = all_pids(tb)
+        res = subprocess.run([*PROTEGO, "testbed", "down", "--name", name], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert leftovers(name, pids, tb.plan.host_ifname) == []
+    finally:
+        if name in list_testbeds():
+            tbmod.down(name)
 
 
 def test_failure_half_way_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:

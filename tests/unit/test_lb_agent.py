@@ -1,0 +1,141 @@
+"""The lb agent's view and reconcile orchestration with fake adapters (no root)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from protego.errors import DataplaneError
+from protego.lb import model
+from protego.lb.agent import LbConfig, Reconciler, View
+from protego.lb.policy import PolicyRoute
+
+P = model.PREFIX
+
+
+@dataclass
+class KV:
+    key: str
+    value: bytes
+
+
+@dataclass
+class Ev:
+    type: Any
+    kv: KV
+
+    @property
+    def key(self) -> str:
+        return self.kv.key
+
+
+class _T:
+    def __init__(self, v: str) -> None:
+        self.value = v
+
+
+class FakeNft:
+    def __init__(self, fail: int = 0) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail = fail
+
+    def read(self, table: str) -> None:
+        self.calls.append(("read", table))
+
+    def apply(self, cmds: list[str]) -> None:
+        self.calls.append(("apply", cmds))
+        if self.fail:
+            self.fail -= 1
+            raise DataplaneError("boom")
+
+
+class FakeRoutes:
+    def __init__(self, installed: set[PolicyRoute]) -> None:
+        self.installed = installed
+        self.calls: list[tuple[str, Any]] = []
+
+    def read(self) -> set[PolicyRoute]:
+        return set(self.installed)
+
+    def add(self, pr: PolicyRoute) -> None:
+        self.calls.append(("add", pr))
+
+    def remove(self, pr: PolicyRoute) -> None:
+        self.calls.append(("remove", pr))
+
+
+ENTRIES = {
+    "gpn/nodes/gpn1": {"fabric_addr": "192.0.2.21"},
+    "gmn/leader": {"fabric_addr": "192.0.2.11"},
+    "steer/in/203.0.113.11/00001234": {"gpn": "gpn1", "tenant": "acme", "tunnel": "hq"},
+}
+
+
+def test_view_snapshot_events_and_prefix_replacement() -> None:
+    v = View()
+    h = v.handler("steer/")
+    h.on_snapshot(5, [KV(P + "steer/in/203.0.113.11/00001234", b'{"gpn": "gpn1"}'),
+                      KV(P + "steer/out/a/b", b"not json")])
+    assert v.snapshot() == {"steer/in/203.0.113.11/00001234": {"gpn": "gpn1"}, "steer/out/a/b": None}
+    assert v.changed.is_set() and v.synced == {"steer/"}
+    v.handler("gpn/nodes/").on_snapshot(5, [KV(P + "gpn/nodes/gpn1", b"{}")])
+    h.on_events([Ev(_T("delete"), KV(P + "steer/out/a/b", b"")),
+                 Ev(_T("put"), KV(P + "steer/in/203.0.113.11/00001235", b"{}"))])
+    assert set(v.snapshot()) == {"steer/in/203.0.113.11/00001234", "steer/in/203.0.113.11/00001235",
+                                 "gpn/nodes/gpn1"}
+    h.on_snapshot(9, [])  # a re-snapshot replaces only its own prefix
+    assert set(v.snapshot()) == {"gpn/nodes/gpn1"}
+
+
+def test_reconcile_routes_before_and_after_the_batch() -> None:
+    stale = PolicyRoute(7, "192.0.2.99")
+    routes = FakeRoutes({PolicyRoute(2, "192.0.2.21"), stale})
+    nft = FakeNft()
+    rec = Reconciler(LbConfig(roles=frozenset({"gin", "gen"})), nft, routes)  # type: ignore[arg-type]
+    last = rec.reconcile(ENTRIES)
+    # the GPN keeps slot 2; the GMN gets the lowest free slot (1); slot 7 goes after the batch
+    assert last["slots"] == {"192.0.2.21": 2, "192.0.2.11": 1}
+    assert routes.calls == [("add", PolicyRoute(1, "192.0.2.11")), ("remove", stale)]
+    applied = [c for c in nft.calls if c[0] == "apply"]
+    assert len(applied) == 1  # both tables in one transaction
+    assert any("0x50470002" in cmd for cmd in applied[0][1])
+    assert any("protego_gen" in cmd for cmd in applied[0][1])
+    assert last["errors"] == [] and last["steer_in"] == 1
+
+
+def test_reconcile_falls_back_to_rebuild_and_reports_refused() -> None:
+    nft = FakeNft(fail=1)
+    rec = Reconciler(LbConfig(roles=frozenset({"gin"})), nft, FakeRoutes(set()))  # type: ignore[arg-type]
+    last = rec.reconcile({**ENTRIES, "steer/in/203.0.113.11/zz": {"gpn": "gpn1"}})
+    applied = [c[1] for c in nft.calls if c[0] == "apply"]
+    assert len(applied) == 2 and applied[1][:2] == ["add table ip protego_gin", "delete table ip protego_gin"]
+    assert len(last["errors"]) == 1 and "8 hex digits" in last["errors"][0]
+
+
+def test_reconcile_gives_up_when_rebuild_fails_too() -> None:
+    rec = Reconciler(LbConfig(roles=frozenset({"gen", "gin"})), FakeNft(fail=2), FakeRoutes(set()))  # type: ignore[arg-type]
+    with pytest.raises(DataplaneError):
+        rec.reconcile(ENTRIES)
+
+
+def test_incremental_reconcile_trusts_its_cache_until_a_full_one() -> None:
+    nft = FakeNft()
+    routes = FakeRoutes(set())
+    rec = Reconciler(LbConfig(roles=frozenset({"gin"})), nft, routes)  # type: ignore[arg-type]
+    rec.reconcile(ENTRIES)
+    nft.calls.clear()
+    moved = {**ENTRIES, "gpn/nodes/gpn2": {"fabric_addr": "192.0.2.22"},
+             "steer/in/203.0.113.11/00001234": {"gpn": "gpn2", "tenant": "acme", "tunnel": "hq"}}
+    last = rec.reconcile(moved, full=False)
+    assert [c[0] for c in nft.calls] == ["apply"]  # no read-back
+    cmds = nft.calls[0][1]
+    assert any(c.startswith("delete element ip protego_gin spi_in") for c in cmds)
+    assert not any(c.startswith("add table") for c in cmds)
+    assert last["nft_commands"] == len(cmds)
+    nft.calls.clear()
+    rec.reconcile(moved, full=False)
+    assert nft.calls == []  # nothing to do
+    rec.reconcile(moved, full=True)
+    assert nft.calls[0] == ("read", "protego_gin")

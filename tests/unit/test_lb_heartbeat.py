@@ -1,0 +1,169 @@
+"""Heartbeat codec, detector state machine and reference responder (pure)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from protego.lb import heartbeat as hb
+from protego.lb.heartbeat_responder import Responder, classify_raw
+
+I = 0.010
+
+
+def test_codec_round_trip_and_errors() -> None:
+    m = hb.Message(hb.PROBE, 7, 123456789)
+    raw = hb.pack(m)
+    assert len(raw) == 24 and raw[:4] == b"PGHB" and raw[4] == 1 and raw[5] == 1
+    assert hb.unpack(raw) == m
+    t = hb.Message(hb.TAG_ANSWER, 3, 9, hb.TagInfo(50, 0x37, 0x1234, 99))
+    assert hb.unpack(hb.pack(t)) == t and len(hb.pack(t)) == 36
+    assert hb.answer_for(m) == hb.Message(hb.ANSWER, 7, 123456789)
+    for bad, msg in ((b"x", "too short"), (b"XXXX" + raw[4:], "bad magic"),
+                     (raw[:4] + b"\x02" + raw[5:], "version 2"), (raw[:5] + b"\x09" + raw[6:], "unknown"),
+                     (hb.pack(t)[:30], "tag answer too short")):
+        with pytest.raises(hb.HeartbeatError, match=msg):
+            hb.unpack(bad)
+
+
+def run(det: hb.Detector, t0: float, rounds: int, answer: set[str], tag: set[str] = frozenset()) -> list[hb.Transition]:
+    """Drive ``rounds`` rounds: GPNs in ``answer`` answer their probes, ``tag`` send tag answers."""
+    out = []
+    now = t0
+    for _ in range(rounds):
+        probes, trans = det.tick(now)
+        out += trans
+        for name, addr, seq in probes:
+            if name in answer:
+                det.on_message(addr, hb.Message(hb.ANSWER, seq, 0), now + I / 2)
+        for name in tag:
+            det.on_message(det.tracks[name].addr, hb.Message(hb.TAG_ANSWER, 1, 0), now + I / 3)
+        now += I
+    return out
+
+
+def test_alive_then_dead_after_three_misses_then_alive_after_recover() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I, misses=3, recover=10))
+    det.set_gpns({"gpn1": "192.0.2.21", "gpn2": "192.0.2.22"})
+    tr = run(det, 0.0, 11, {"gpn1", "gpn2"})
+    assert [(t.gpn, t.state) for t in tr] == [("gpn1", "alive"), ("gpn2", "alive")]
+    assert tr[0].at == pytest.approx(10 * I)  # 10 answered rounds closed
+    # gpn2 stops answering: declared dead when its third unanswered round closes
+    tr = run(det, 11 * I, 4, {"gpn1"})
+    assert [(t.gpn, t.state) for t in tr] == [("gpn2", "dead")]
+    assert tr[0].at == pytest.approx(14 * I) and "3 consecutive" in tr[0].reason
+    # a flapping answer (every other round) never recovers it
+    now = 15 * I
+    for i in range(20):
+        tr = run(det, now, 1, {"gpn1", "gpn2"} if i % 2 else {"gpn1"})
+        assert tr == []
+        now += I
+    tr = run(det, now, 11, {"gpn1", "gpn2"})
+    assert [(t.gpn, t.state) for t in tr] == [("gpn2", "alive")]
+
+
+def test_unknown_gpn_never_answering_is_declared_dead() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    tr = run(det, 0.0, 4, set())
+    assert [(t.gpn, t.state) for t in tr] == [("gpn1", "dead")]
+
+
+def test_tag_answers_replace_probes_and_count_as_answers() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    tr = run(det, 0.0, 30, set(), tag={"gpn1"})
+    assert [(t.gpn, t.state) for t in tr] == [("gpn1", "alive")]
+    assert det.tracks["gpn1"].probes_sent == 1  # only the very first round needed a probe
+    # traffic stops: probes resume at once, so an answering GPN stays alive
+    tr = run(det, 30 * I, 30, {"gpn1"})
+    assert tr == [] and det.tracks["gpn1"].probes_sent > 20
+
+
+def test_foreign_answers_do_not_count() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I))
+    det.set_gpns({"gpn1": "192.0.2.21", "gpn2": "192.0.2.22"})
+    now = 0.0
+    trans = []
+    for _ in range(4):
+        probes, tr = det.tick(now)
+        trans += tr
+        for name, addr, seq in probes:
+            if name == "gpn1":
+                det.on_message("192.0.2.22", hb.Message(hb.ANSWER, seq, 0), now)  # gpn2 answers gpn1's seq
+                det.on_message("192.0.2.99", hb.Message(hb.ANSWER, seq, 0), now)  # not a GPN of ours
+                det.on_message(addr, hb.Message(hb.ANSWER, seq + 100, 0), now)  # never sent
+        now += I
+    assert [(t.gpn, t.state) for t in trans] == [("gpn1", "dead"), ("gpn2", "dead")]
+
+
+def test_late_answers_of_a_briefly_descheduled_gpn_keep_it_alive() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    now = 0.0
+    backlog: list[int] = []
+    trans = []
+    for r in range(40):
+        probes, tr = det.tick(now)
+        trans += tr
+        backlog += [seq for _n, _a, seq in probes]
+        if r % 2 == 1:  # the GPN runs only every other round (20 ms stalls) and answers its backlog
+            for seq in backlog:
+                det.on_message("192.0.2.21", hb.Message(hb.ANSWER, seq, 0), now + I / 2)
+            backlog.clear()
+        now += I
+    assert [t.state for t in trans] == []  # never 10 answered rounds in a row, never 3 misses
+    assert det.tracks["gpn1"].misses <= 1
+
+
+def test_late_wakeup_counts_one_round_not_many() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    probes, _ = det.tick(0.0)
+    det.on_message("192.0.2.21", hb.Message(hb.ANSWER, probes[0][2], 0), 0.001)
+    _, tr = det.tick(0.5)  # the lb was descheduled for 500 ms: one answered round, no misses
+    assert tr == [] and det.tracks["gpn1"].misses == 0 and det.tracks["gpn1"].hits == 1
+
+
+def test_set_gpns_forgets_removed_and_readdressed() -> None:
+    det = hb.Detector()
+    det.set_gpns({"gpn1": "192.0.2.21", "gpn2": "192.0.2.22"})
+    det.tracks["gpn1"].state = "dead"
+    det.set_gpns({"gpn1": "192.0.2.31"})
+    assert list(det.tracks) == ["gpn1"] and det.tracks["gpn1"].state == "unknown"
+    assert det.next_deadline() == 0.0
+    with pytest.raises(ValueError):
+        hb.DetectorConfig(interval=0)
+
+
+def test_responder_answers_probes_and_tags() -> None:
+    r = Responder(dscp=0x37)
+    probe = hb.pack(hb.Message(hb.PROBE, 5, 77))
+    assert r.on_tagged(hb.TagInfo(50, 0x37, 1, 1), 0.0) == []  # nobody probed us yet
+    assert hb.unpack(r.on_datagram(probe, ("192.0.2.1", 7471), 0.0) or b"") == hb.Message(hb.ANSWER, 5, 77)
+    assert r.on_datagram(b"junk", ("192.0.2.1", 7471), 0.0) is None
+    assert r.on_datagram(hb.pack(hb.Message(hb.ANSWER, 1, 1)), ("192.0.2.1", 7471), 0.0) is None
+    out = r.on_tagged(hb.TagInfo(50, 0x37, 0x1234, 9), 0.5)
+    assert len(out) == 1 and out[0][1] == ("192.0.2.1", 7471)
+    m = hb.unpack(out[0][0])
+    assert m.type == hb.TAG_ANSWER and m.tag == hb.TagInfo(50, 0x37, 0x1234, 9)
+    assert r.on_tagged(hb.TagInfo(50, 0x37, 0x1234, 10), 2.0) == []  # the lb went quiet
+
+
+def _ip(proto: int, tos: int, body: bytes) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(body), 0, 0, 64, proto, 0,
+                       bytes(4), bytes(4)) + body
+
+
+def test_classify_raw() -> None:
+    tag = 0x37 << 2
+    assert classify_raw(_ip(50, tag, struct.pack("!II", 0x1234, 7)), 0x37) == hb.TagInfo(50, 0x37, 0x1234, 7)
+    assert classify_raw(_ip(50, 0, struct.pack("!II", 0x1234, 7)), 0x37) is None
+    udp = struct.pack("!HHHH", 4500, 4500, 16, 0) + struct.pack("!II", 0x99, 3)
+    assert classify_raw(_ip(17, tag, udp), 0x37) == hb.TagInfo(17, 0x37, 0x99, 3)
+    ike = struct.pack("!HHHH", 4500, 4500, 16, 0) + bytes(8)
+    assert classify_raw(_ip(17, tag, ike), 0x37) is None
+    vx = struct.pack("!HHHH", 1234, 4789, 16, 0) + struct.pack("!II", 0x08000000, 1001 << 8)
+    assert classify_raw(_ip(17, tag, vx), 0x37) == hb.TagInfo(17, 0x37, 1001, 0)
+    assert classify_raw(b"\x60" + bytes(40), 0x37) is None
