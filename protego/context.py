@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,13 @@ class CliContext:
         if self._etcd is None:
             from protego.store.etcd import Etcd
 
-            self._etcd = Etcd(self.etcd_endpoints())
+            # credentials as the Ansible roles install them (/etc/protego/etcd-client.env)
+            env = os.environ
+            self._etcd = Etcd(
+                self.etcd_endpoints(), user=env.get("PROTEGO_ETCD_USER") or None,
+                password=env.get("PROTEGO_ETCD_PASSWORD") or None, ca_cert=env.get("PROTEGO_ETCD_CACERT") or None,
+                cert_key=env.get("PROTEGO_ETCD_KEY") or None, cert_cert=env.get("PROTEGO_ETCD_CERT") or None,
+            )
         return self._etcd
 
     def close(self) -> None:
