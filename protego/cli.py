@@ -27,6 +27,8 @@ _COMMANDS: dict[str, str] = {
     "gmn": "protego.gmn.cli:gmn",
     "status": "protego.control.status:status",
     "lb": "protego.lb.cli:lb",
+    "gpn": "protego.gpn.cli:gpn",
+    "bench": "protego.bench.cli:bench",
 }
 
 

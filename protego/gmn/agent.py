@@ -30,6 +30,7 @@ from protego.control.model import PREFIX, Tenant, Tunnel
 from protego.errors import PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
+from protego.lb.model import validate_steer_in, validate_steer_out
 from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
 from protego.gmn.plugin_server import Counters, Event, PluginServer
 from protego.gmn.records import (
@@ -72,6 +73,7 @@ class GmnConfig:
     lease_ttl: int = 5
     resync_interval: float = 30.0
     manage_vips: bool = True
+    apply_timeout: float = 2.0  # longest add_sa waits for the data path's acknowledgement
 
 
 @dataclass
@@ -80,13 +82,15 @@ class _State:
     loaded: dict[str, str] = field(default_factory=dict)  # conn name -> fingerprint
     pending_gpn: dict[tuple[str, str], str] = field(default_factory=dict)  # newest inbound placement
     pinned: dict[tuple[str, str], str] = field(default_factory=dict)  # migration targets not yet mirrored
+    rekeyed: dict[str, float] = field(default_factory=dict)  # outbound SA record key -> when we asked
 
 
 class GmnAgent:
     def __init__(self, cfg: GmnConfig, etcd: Etcd) -> None:
         self.cfg = cfg
         self.etcd = etcd
-        self.view = PrefixView(on_change=self._kick)
+        self.view = PrefixView(on_change=self._on_view_change)
+        self._applied = threading.Condition()
         self.state = _State()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -136,6 +140,11 @@ class GmnAgent:
     def _kick(self) -> None:
         self._wake.set()
 
+    def _on_view_change(self) -> None:
+        self._kick()
+        with self._applied:
+            self._applied.notify_all()
+
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         last_full = 0.0
@@ -152,6 +161,7 @@ class GmnAgent:
                 self._reconcile_conns(force_check=full)
                 if self.state.leader:
                     self._handle_migrations()
+                    self._rekey_burnt_outbound()
                 if full:
                     last_full = time.monotonic()
                     self._reconcile_records()
@@ -295,6 +305,19 @@ class GmnAgent:
             for name in list(self.state.loaded):
                 if name not in desired:
                     self.state.loaded.pop(name)
+        if self.state.leader:
+            self._forget_removed_tunnels()
+
+    def _forget_removed_tunnels(self) -> None:
+        """Placements and migration requests of tunnels that no longer exist go too (their
+        SA records and steering leave with charon's del_sa calls)."""
+        tunnels = {(t.tenant, t.name) for t in self.tunnels()}
+        for prefix in (f"{PREFIX}placement/", MIGRATE_PREFIX):
+            for kv in self.view.items(prefix):
+                parts = kv.key[len(prefix):].split("/")
+                if len(parts) == 2 and (parts[0], parts[1]) not in tunnels:
+                    self.etcd.cas_delete(kv.key, kv.mod_revision)
+                    log.info("tunnel %s/%s is gone: %s removed", parts[0], parts[1], kv.key[len(PREFIX):])
 
     # ------------------------------------------------------------------ GPNs
     def gpn_views(self) -> dict[str, GpnView]:
@@ -394,15 +417,48 @@ class GmnAgent:
                         return
             rec = sa_record(sa, owner, gpn, self.cfg.node)
             ops = [PutOp(sa_key(owner.vip, sa.spi), encode_json(rec))]
+            gpns = self.gpn_views()
+            # steering entries are checked the way the GIN/GEN will read them: a bad one is
+            # refused here, where it is written, not dropped silently there
             if sa.inbound:
-                ops += [PutOp(steer_in_key(owner.vip, sa.spi), encode_json(steer_in_record(owner, gpn))),
-                        DeleteOp(spi_reservation_key(owner.vip, sa.spi))]
+                steer_key, steer = steer_in_key(owner.vip, sa.spi), steer_in_record(owner, gpn)
+                validate_steer_in(steer_key[len(PREFIX):], steer, gpns)
+                ops += [PutOp(steer_key, encode_json(steer)), DeleteOp(spi_reservation_key(owner.vip, sa.spi))]
             else:
-                ops += [PutOp(steer_out_key(t, tun), encode_json(steer_out_record(owner, gpn, sa.spi, rec["local_ts"]))),
-                        PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
-            self.etcd.txn([], ops)
-            # keep the local mirror current before charon continues (the watch follows)
+                steer_key, steer = steer_out_key(t, tun), steer_out_record(owner, gpn, sa.spi, rec["local_ts"])
+                validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
+                ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+            revision = self.etcd.txn([], ops).revision
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
+        # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
+        # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
+        # side ever uses an SA the data path does not have yet (no loss on rekey)
+        self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}")
+
+    def _wait_applied(self, gpn: str, revision: int, what: str) -> None:
+        deadline = time.monotonic() + self.cfg.apply_timeout
+        t0 = time.monotonic()
+        with self._applied:
+            while True:
+                pending = [k for k in self._ack_keys(gpn) if (self.view.get_json(k) or {}).get("revision", 0) < revision]
+                if not pending:
+                    log.debug("%s: data path ready after %.1f ms", what, (time.monotonic() - t0) * 1000)
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%s: not acknowledged by %s within %.1f s; going on", what,
+                                ", ".join(k.rsplit("/", 2)[-2] + "/" + k.rsplit("/", 1)[1] for k in pending),
+                                self.cfg.apply_timeout)
+                    return
+                self._applied.wait(min(left, 0.05))
+
+    def _ack_keys(self, gpn: str) -> list[str]:
+        """The acknowledgements to wait for: the SA's GPN (if registered) and every GIN/GEN."""
+        keys = [kv.key for kv in self.view.items(f"{PREFIX}lb/applied/")]
+        if self.view.get(f"{PREFIX}gpn/nodes/{gpn}") is not None and \
+                self.view.get(f"{PREFIX}gpn/applied/{gpn}") is not None:
+            keys.append(f"{PREFIX}gpn/applied/{gpn}")
+        return keys
 
     def _del_sa(self, spi: int, dst: str | None) -> None:
         with self._sa_lock:
@@ -531,6 +587,39 @@ class GmnAgent:
         self._event(f"migration-{state}", tenant, tunnel, detail)
         (log.info if state == "done" else log.warning)("tunnel %s/%s: migration %s: %s", tenant, tunnel,
                                                        state, detail)
+
+    # ------------------------------------------------------------------ restarted GPNs
+    def _rekey_burnt_outbound(self) -> None:
+        """A GPN that restarted lost its outbound sequence counters and never reinstalls
+        an outbound SA created before it started (a sequence number must never be
+        reused): rekey those tunnels' CHILD_SAs. The IKE SA stays; one round trip."""
+        started = {k.rsplit("/", 1)[1]: float(v.get("started") or 0)
+                   for k, v in self.view.json_items(f"{PREFIX}gpn/nodes/").items()}
+        now = time.time()
+        todo: dict[tuple[str, str], str] = {}
+        for key, rec in self.view.json_items(f"{PREFIX}sas/").items():
+            if rec.get("direction") != "out" or rec.get("gpn") not in started:
+                continue
+            if float(rec.get("created", 0)) >= started[rec["gpn"]]:
+                continue
+            if now - self.state.rekeyed.get(key, 0) < 10:  # asked already; give it time
+                continue
+            self.state.rekeyed[key] = now
+            todo[(rec["tenant"], rec["tunnel"])] = rec["gpn"]
+        for key in [k for k, t in self.state.rekeyed.items() if now - t > 60]:
+            del self.state.rekeyed[key]
+        if not todo:
+            return
+        with ViciClient(self.cfg.vici_socket) as v:
+            for (tenant, tunnel), gpn in sorted(todo.items()):
+                child = next((sa for sa in v.list_sas(conn_name(tenant, tunnel))
+                              if sa.get("child_state") == "INSTALLED"), None)
+                if child is None:
+                    continue
+                v.rekey_child(child["child_id"])
+                self._event("gpn-restart-rekey", tenant, tunnel, f"{gpn} restarted: outbound SA replaced")
+                log.info("tunnel %s/%s: %s restarted, rekeying CHILD_SA %s", tenant, tunnel, gpn,
+                         child["child_id"])
 
     # ------------------------------------------------------------------ events
     def _event(self, kind: str, tenant: str | None = None, tunnel: str | None = None, detail: str = "") -> None:

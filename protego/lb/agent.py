@@ -33,7 +33,7 @@ from protego.lb.routes import RouteAdapter
 
 log = logging.getLogger(__name__)
 
-WATCHED = (model.STEER_IN[:-3], model.GMN_LEADER, model.GPN_NODES)  # steer/, gmn/leader, gpn/nodes/
+WATCHED = (model.STEER_IN[:-3], model.GMN_LEADER, model.GPN_NODES, model.TENANTS)  # steer/, gmn/leader, gpn/nodes/, tenants/
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class View:
         self._entries: dict[str, Any] = {}
         self.changed = threading.Event()
         self.synced: set[str] = set()
+        self.revisions: dict[str, int] = {}  # per watched prefix: the newest revision seen
 
     def handler(self, sub: str) -> Any:
         view = self
@@ -72,6 +73,7 @@ class View:
                     for kv in kvs:
                         view._put(kv.key, kv.value)
                     view.synced.add(sub)
+                    view.revisions[sub] = max(view.revisions.get(sub, 0), revision)
                 view.changed.set()
 
             def on_events(self, events: list[Any]) -> None:
@@ -81,6 +83,7 @@ class View:
                             view._entries.pop(model._strip(ev.key), None)
                         else:
                             view._put(ev.key, ev.kv.value)
+                        view.revisions[sub] = max(view.revisions.get(sub, 0), ev.revision)
                 view.changed.set()
 
         return _H()
@@ -97,6 +100,10 @@ class View:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._entries)
+
+    def snapshot_with_revision(self, sub: str) -> tuple[dict[str, Any], int]:
+        with self._lock:
+            return dict(self._entries), self.revisions.get(sub, 0)
 
 
 class Reconciler:
@@ -180,6 +187,7 @@ class LbAgent:
         self.routes = routes
         self._clock = clock
         self._watches: list[Any] = []
+        self._acked = 0
         self._health_q: queue.SimpleQueue[hb.Transition | None] = queue.SimpleQueue()
         self.monitor: hb.HeartbeatMonitor | None = None
 
@@ -245,11 +253,12 @@ class LbAgent:
                     continue  # wait for the first snapshot of every prefix (it sets `changed`)
                 if not woke and not failures and time.monotonic() < next_resync:
                     continue
-                entries = self.view.snapshot()
+                entries, steer_rev = self.view.snapshot_with_revision(WATCHED[0])
                 full = failures > 0 or time.monotonic() >= next_resync
                 try:
                     self.reconciler.reconcile(entries, full=full)
                     failures = 0
+                    self._ack(steer_rev)
                 except ProtegoError as exc:
                     failures += 1
                     log.error("reconcile failed (%s); retrying", exc)
@@ -265,6 +274,18 @@ class LbAgent:
             self.close()
             self._health_q.put(None)
             writer.join(2)
+
+    def _ack(self, revision: int) -> None:
+        """Publish the etcd revision of ``steer/`` the kernel now reflects
+        (``lb/applied/<node>``); the GMN waits for it before charon uses a new SA."""
+        if revision <= self._acked:
+            return
+        try:
+            self.store.put(f"{model.PREFIX}lb/applied/{self.cfg.node}",
+                           encode({"revision": revision, "ts": self._clock()}))
+            self._acked = revision
+        except ProtegoError as exc:
+            log.warning("could not acknowledge revision %d: %s", revision, exc)
 
     def status(self) -> dict[str, Any]:
         return {"time": self._clock(), "node": self.cfg.node, "roles": sorted(self.cfg.roles),

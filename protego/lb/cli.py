@@ -108,7 +108,7 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
                    **kwargs)
     if "gin" in cfg.roles and not vips:
         logging.getLogger(__name__).warning(
-            "no --vip given: the GIN steers only VIPs named in steer/in (IKE to a new VIP is not steered)")
+            "no --vip given: the GIN steers the VIPs of the tenants in etcd and those named in steer/in")
     store = Etcd(list(cfg.etcd_endpoints))
     routes = RouteAdapter() if "gin" in cfg.roles else None
     agent = LbAgent(cfg, store, NftAdapter(), routes)

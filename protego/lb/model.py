@@ -29,6 +29,7 @@ STEER_OUT = "steer/out/"
 GMN_LEADER = "gmn/leader"
 GPN_NODES = "gpn/nodes/"
 GPN_HEALTH = "gpn/health/"
+TENANTS = "tenants/"
 
 _SPI_RE = re.compile(r"^[0-9a-fA-F]{8}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -87,6 +88,7 @@ class SteeringState:
     steer_in: tuple[SteerIn, ...] = ()
     steer_out: tuple[SteerOut, ...] = ()
     errors: tuple[str, ...] = ()
+    tenant_vips: tuple[str, ...] = ()  # every tenant's VIP (tenants/<t>): IKE to them goes to the GMN
 
     def rate_of(self, tenant: str, tunnel: str) -> float:
         for s in self.steer_out:
@@ -220,6 +222,7 @@ def build_state(entries: Mapping[str, Any]) -> SteeringState:
     gmn_addr: str | None = None
     ins: list[tuple[str, Any]] = []
     outs: list[tuple[str, Any]] = []
+    vips: list[str] = []
     for raw_key in sorted(entries):
         key, value = _strip(raw_key), entries[raw_key]
         try:
@@ -232,6 +235,8 @@ def build_state(entries: Mapping[str, Any]) -> SteeringState:
                 ins.append((key, value))
             elif key.startswith(STEER_OUT):
                 outs.append((key, value))
+            elif key.startswith(TENANTS):
+                vips.append(_ipv4(_obj(value, key).get("vip"), key, "vip"))
         except ConfigError as exc:
             errors.append(str(exc))
     steer_in: list[SteerIn] = []
@@ -252,7 +257,7 @@ def build_state(entries: Mapping[str, Any]) -> SteeringState:
             steer_out.append(s)
         except ConfigError as exc:
             errors.append(str(exc))
-    return SteeringState(gpns, gmn_addr, tuple(steer_in), tuple(steer_out), tuple(errors))
+    return SteeringState(gpns, gmn_addr, tuple(steer_in), tuple(steer_out), tuple(errors), tuple(sorted(set(vips))))
 
 
 def _overlap(s: SteerOut, others: list[SteerOut]) -> SteerOut | None:

@@ -159,12 +159,14 @@ def vxlan_key(vni: int, dst: tuple[int, int], src: tuple[int, int]) -> str:
 
 
 def vip_ranges(state: SteeringState, p: Params) -> list[tuple[int, int]]:
-    """The configured VIP prefixes and every VIP of steer/in, merged into disjoint ranges."""
+    """The configured VIP prefixes, every tenant's VIP and every VIP of steer/in, merged
+    into disjoint ranges."""
     spans = []
     for pfx in p.vip_prefixes:
         net = ipaddress.IPv4Network(pfx)
         spans.append((int(net.network_address), int(net.broadcast_address)))
     spans += [(int(ipaddress.IPv4Address(s.vip)),) * 2 for s in state.steer_in]
+    spans += [(int(ipaddress.IPv4Address(v)),) * 2 for v in state.tenant_vips]
     merged: list[tuple[int, int]] = []
     for lo, hi in sorted(spans):
         if merged and lo <= merged[-1][1] + 1:

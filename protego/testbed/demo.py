@@ -46,7 +46,12 @@ def site_traffic(tb: tbmod.Testbed, site_name: str, seconds: float, pings: int =
     up = iperf3(ten_ns, str(tenant.hosts[0]), site_ns, seconds=seconds)
     down = iperf3(ten_ns, str(tenant.hosts[0]), site_ns, seconds=seconds, reverse=True)
     tunnel = tbmod.site_tunnels(tb)[site.name]
-    gateway = f"bg-{tenant.name}" if tb.state.mode == "baseline" else "protego"
+    if tb.state.mode == "baseline":
+        gateway = f"bg-{tenant.name}"
+    else:
+        with tb.etcd() as store:
+            place = store.get_json(f"/protego/v1/placement/{tenant.name}/{site.name}") or {}
+        gateway = place.get("gpn", "?")
     return {
         "tenant": tenant.name, "site": site.name, "gateway": gateway,
         "spi_in": tunnel.get("spi_in") or "-", "spi_out": tunnel.get("spi_out") or "-",
@@ -57,12 +62,10 @@ def site_traffic(tb: tbmod.Testbed, site_name: str, seconds: float, pings: int =
 
 
 def run_demo(name: str, mode: Mode, seconds: float, progress: tbmod.Progress) -> list[dict[str, Any]]:
-    if mode != "baseline":
-        raise TestbedError(
-            "the demo runs in baseline mode until Protego's GMN, GPN and GIN/GEN roles land "
-            "(the protego-mode testbed has their nodes but no agents yet)"
-        )
     tb = ensure_up(name, mode, progress)
+    if mode == "protego":
+        progress("waiting for every site's tunnel")
+        tbmod.wait_for_tunnels(tb, 60)
     rows = []
     for s in tb.topology.sites:
         progress(f"traffic over {s.name}'s tunnel ({seconds:.0f} s each way)")

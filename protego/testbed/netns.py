@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -84,6 +85,28 @@ def sysctls(ns: str, values: dict[str, str]) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec", script], check=True, capture_output=True)
 
 
+_ETHTOOL_TX_OFF = """
+import ctypes, fcntl, socket, struct, sys
+SIOCETHTOOL, ETHTOOL_STXCSUM = 0x8946, 0x17
+val = ctypes.create_string_buffer(struct.pack("II", ETHTOOL_STXCSUM, 0))
+ifr = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(val)) + bytes(16)
+fcntl.ioctl(socket.socket(), SIOCETHTOOL, ifr)
+"""
+
+
+def tx_checksum_off(ns: str, ifname: str) -> None:
+    """Turn off TX checksum offload of ``ifname`` in ``ns`` (the ethtool ioctl; no ethtool here).
+
+    A tenant host's TCP over VXLAN on a veth leaves the inner checksum to "hardware"
+    (CHECKSUM_PARTIAL travels through veth); a userspace GPN reads the VXLAN payload
+    as bytes and would encrypt a segment whose checksum was never filled in. A real
+    NIC completes it; in the lab the sender must."""
+    res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _ETHTOOL_TX_OFF, ifname],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise TestbedError(f"TX checksum offload off on {ns}/{ifname}: {res.stderr.strip()}")
+
+
 def apply_plan(plan: Plan, on_netns_created: Callable[[str], None], on_host_link: Callable[[str], None]) -> None:
     """Create every namespace, link, address and route of ``plan``.
 
@@ -147,6 +170,8 @@ def apply_plan(plan: Plan, on_netns_created: Callable[[str], None], on_host_link
                 ip.neigh("add", dst=addr, lladdr=mac, ifindex=idx, state=0x80)  # NUD_PERMANENT
             _add_addrs(ip, x.name, x.addrs)
             ip.link("set", index=idx, state="up")
+        if x.mac:  # a tenant host
+            tx_checksum_off(x.ns, x.name)
 
     for lo in plan.loopback:
         with _ns(lo.ns) as ip:

@@ -224,6 +224,13 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
             progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
             for node in ("gmn1", "gmn2"):
                 _start_gmn(tb, node)
+            progress(f"starting {topo.gpns} GPN agents (userspace ESP engine) and the GIN/GEN agent")
+            for n in tb.plan.namespaces:
+                if n.role == "gpn":
+                    _start_agent(tb, n.node, "gpn-agent", ["gpn", "run", "--node", n.node,
+                                                           "--fabric-addr", fabric_addr(tb, n.node)])
+            _start_lb(tb)
+            _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"])
             progress(f"creating {len(topo.tenants)} tenants and {len(topo.sites)} tunnels with the protego CLI")
             _create_tenants_and_tunnels(tb, store)
         progress(f"starting {len(topo.sites)} site gateways (strongSwan, kernel-libipsec)")
@@ -323,6 +330,48 @@ def gmn_paths(tb: Testbed, node: str) -> tuple[Path, Path, Path]:
     return d / "strongswan.conf", d / "charon.vici", d / "gmn-plugin.sock"
 
 
+def fabric_addr(tb: Testbed, node: str) -> str:
+    return next(v.addrs_b[0].split("/")[0] for v in tb.plan.veths if v.ns_b == tb.ns(node) and v.name_b == "fab0")
+
+
+def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: tuple[str, ...] = ()) -> procs.ProcRecord:
+    """A protego agent inside ``node``'s namespace, logging to logs/<node>.<kind>.log."""
+    st = tb.state
+    rec = procs.spawn(
+        node, kind, tb.ns(node),
+        [sys.executable, "-m", "protego", "-v", "--etcd", ",".join(st.etcd_endpoints), *root_args, *args],
+        st.logs / f"{node}.{kind}.log",
+    )
+    st.procs.append(rec)
+    st.save()
+    return rec
+
+
+def _start_lb(tb: Testbed) -> None:
+    # probes every 50 ms (the agent's default is 10 ms): on a busy 2-core lab machine a
+    # starved Python responder must not be declared dead by accident
+    args = ["lb", "run", "--role", "both", "--node", "lb", "--hb-bind", fabric_addr(tb, "lb"),
+            "--hb-interval-ms", "50", "--cleanup-on-exit"]
+    for e in tb.state.etcd_endpoints:
+        args += ["--etcd", e]
+    # no --vip: the GIN learns every tenant's VIP from etcd (tenants/<t>)
+    _start_agent(tb, "lb", "lb-agent", args)
+
+
+def _wait_registered(tb: Testbed, store: Any, gpns: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [g for g in gpns if store.get(f"/protego/v1/gpn/nodes/{g}") is None]
+        if not missing:
+            return
+        for rec in tb.state.procs:
+            if rec.kind in ("gpn-agent", "lb-agent") and not procs.is_alive(rec):
+                raise TestbedError(f"{rec.kind} on {rec.node} exited during start-up (see {rec.log})")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"GPNs {', '.join(missing)} did not register within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def _start_gmn(tb: Testbed, node: str) -> None:
     from protego.gmn.charon_conf import gmn_strongswan_conf
 
@@ -332,16 +381,9 @@ def _start_gmn(tb: Testbed, node: str) -> None:
     conf, vici_sock, plugin_sock = gmn_paths(tb, node)
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(gmn_strongswan_conf(vici_sock, plugin_sock, st.logs / f"{node}.charon.log"))
-    fabric = next(v.addrs_b[0].split("/")[0] for v in tb.plan.veths if v.ns_b == tb.ns(node) and v.name_b == "fab0")
-    agent = procs.spawn(
-        node, "gmn-agent", tb.ns(node),
-        [sys.executable, "-m", "protego", "-v", "--etcd", ",".join(st.etcd_endpoints), "gmn", "run",
-         "--node", node, "--vici", str(vici_sock), "--plugin-socket", str(plugin_sock),
-         "--fabric-addr", fabric],
-        st.logs / f"{node}.agent.log",
-    )
-    st.procs.append(agent)
-    st.save()
+    agent = _start_agent(tb, node, "gmn-agent", ["gmn", "run", "--node", node, "--vici", str(vici_sock),
+                                                  "--plugin-socket", str(plugin_sock),
+                                                  "--fabric-addr", fabric_addr(tb, node)])
     _wait_path(plugin_sock, agent, f"the gmn agent on {node}")
     charon = procs.spawn(
         node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",

@@ -1,10 +1,11 @@
 """The GMN in the testbed: real site peers negotiate with the GMN's charon.
 
-Before GIN/GEN steering exists, the test routes the VIPs from the GIN's namespace
-straight to gmn1 (sites reach the GMN directly) and registers two GPNs in etcd,
-so the agent can place SAs. Checked: SA records carry the peers' SPIs and the
-real keys, rekeys (VICI and lifetime) replace records, the agent and charon
-survive restarts, 100 tunnels come up through one GMN.
+The protego-mode testbed runs every role (GIN/GEN steers IKE to gmn1, GPN agents
+register and carry the SAs). VIPs the tests add on the fly (203.0.113.0/24 beyond
+the topology's, 100.64.0.0/16) are routed from the GIN's namespace straight to gmn1.
+Checked: SA records carry the peers' SPIs and the real keys, rekeys (VICI and
+lifetime) replace records, the agent and charon survive restarts, migration by
+rekey moves the records, 100 tunnels come up through one GMN.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class Bed:
         self.tb = tb
         self.etcd = tb.etcd()
         self.store = ControlStore(self.etcd)
-        self.gpn_lease = self.etcd.lease(30)
 
     def site_vici(self, site: str) -> ViciClient:
         return self.tb.vici(f"s-{site}")
@@ -98,11 +98,7 @@ def bed() -> Iterator[Bed]:
                        check=False)
         subprocess.run(["ip", "-n", tb.ns("lb"), "route", "add", "203.0.113.0/24", "via", fab_gmn1], check=True)
         b = Bed(tb)
-        for g in ("gpn1", "gpn2"):
-            b.etcd.put_json(f"{PREFIX}gpn/nodes/{g}", {"node": g}, lease=b.gpn_lease)
-        for s in tb.topology.sites:
-            b.initiate(s.name)
-        wait_until(lambda: all(b.peer_child(s.name) for s in tb.topology.sites), 30, "every site's CHILD_SA")
+        tbmod.wait_for_tunnels(tb, 60)
         yield b
     finally:
         if b is not None:

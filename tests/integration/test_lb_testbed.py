@@ -1,8 +1,7 @@
 """The GIN/GEN in the whole protego-mode testbed: real strongSwan sites, the GMNs, the
 GPN engines and ``protego lb`` in the lb namespace (started by the testbed).
 
-Skipped until ``lb`` and ``gpn`` are registered in protego/cli.py (the testbed starts
-the agents as ``python -m protego <group> run``)."""
+"""
 
 from __future__ import annotations
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def protego_testbed() -> Iterator[Any]:
-    from protego import cli as protego_cli
-
-    missing = [g for g in ("lb", "gpn", "gmn") if g not in protego_cli._COMMANDS]
-    if missing:
-        pytest.skip(f"not registered in protego/cli.py yet: {', '.join(missing)}")
     from protego.testbed import testbed as tbmod
     from protego.testbed.topology import load_topology
 

@@ -30,6 +30,12 @@ class Ev:
     def key(self) -> str:
         return self.kv.key
 
+    rev: int = 0
+
+    @property
+    def revision(self) -> int:
+        return self.rev
+
 
 class _T:
     def __init__(self, v: str) -> None:
@@ -81,10 +87,12 @@ def test_view_snapshot_events_and_prefix_replacement() -> None:
     assert v.snapshot() == {"steer/in/203.0.113.11/00001234": {"gpn": "gpn1"}, "steer/out/a/b": None}
     assert v.changed.is_set() and v.synced == {"steer/"}
     v.handler("gpn/nodes/").on_snapshot(5, [KV(P + "gpn/nodes/gpn1", b"{}")])
-    h.on_events([Ev(_T("delete"), KV(P + "steer/out/a/b", b"")),
-                 Ev(_T("put"), KV(P + "steer/in/203.0.113.11/00001235", b"{}"))])
+    h.on_events([Ev(_T("delete"), KV(P + "steer/out/a/b", b""), 6),
+                 Ev(_T("put"), KV(P + "steer/in/203.0.113.11/00001235", b"{}"), 7)])
     assert set(v.snapshot()) == {"steer/in/203.0.113.11/00001234", "steer/in/203.0.113.11/00001235",
                                  "gpn/nodes/gpn1"}
+    # the revision each prefix has reached (what the agent acknowledges after applying)
+    assert v.snapshot_with_revision("steer/")[1] == 7 and v.revisions["gpn/nodes/"] == 5
     h.on_snapshot(9, [])  # a re-snapshot replaces only its own prefix
     assert set(v.snapshot()) == {"gpn/nodes/gpn1"}
 

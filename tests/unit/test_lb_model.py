@@ -94,3 +94,15 @@ def test_tunnel_id_is_short_and_stable() -> None:
     assert model.tunnel_id("acme", "hq") == model.tunnel_id("acme", "hq")
     assert model.tunnel_id("acme", "hq") != model.tunnel_id("acme", "h")
     assert len(model.tunnel_id("a" * 60, "b" * 60)) == 10
+
+
+def test_tenant_vips_are_steered_vips() -> None:
+    from protego.lb import model as m
+    from protego.lb.ruleset import Params, vip_ranges
+
+    st = m.build_state({"/protego/v1/tenants/acme": {"name": "acme", "vip": "203.0.113.11"},
+                        "/protego/v1/tenants/bad": {"name": "bad", "vip": "not-an-ip"}})
+    assert st.tenant_vips == ("203.0.113.11",)
+    assert any("tenants/bad" in e for e in st.errors)
+    ip = int(__import__("ipaddress").IPv4Address("203.0.113.11"))
+    assert (ip, ip) in vip_ranges(st, Params())

@@ -1,0 +1,36 @@
+"""``protego bench``: benchmarks that print a table (``--json``: one JSON object),
+each compared side by side with its reference in the same run."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+_BENCHES: dict[str, tuple[str, str]] = {
+    "dataplane": ("protego.bench.dataplane:bench_dataplane",
+                  "ESP per-core speed per suite; Protego vs strongSwan libipsec tunnel."),
+    "lb": ("protego.lb.cli:bench_cmd", "GIN/GEN: steering update latency, GPN failure detection."),
+}
+
+
+class _LazyBenches(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_BENCHES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _BENCHES:
+            return None
+        module, attr = _BENCHES[name][0].split(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Benchmarks"):
+            formatter.write_dl([(n, h) for n, (_t, h) in sorted(_BENCHES.items())])
+
+
+@click.group(cls=_LazyBenches)
+def bench() -> None:
+    """Benchmarks (tables; --json for one JSON object)."""

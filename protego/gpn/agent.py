@@ -1,0 +1,424 @@
+"""The ``protego gpn`` agent: installs exactly the SAs etcd places on this GPN.
+
+One reconcile loop (level-triggered, as the other agents):
+
+* mirrors ``sas/``, ``steer/out/`` and ``vnet/`` (:class:`~protego.store.view.PrefixView`,
+  snapshot-and-watch: an etcd restart resumes the watch or re-snapshots);
+* desired state = every ``sas/<vip>/<spi>`` record whose ``gpn`` is this node;
+  diff against what the engine holds; install / update / remove;
+* holds the VIPs of its SAs on ``lo`` (label ``lo:pg``, as the GMN agent does), so
+  the GIN's policy-routed ESP is delivered here and answers leave from the VIP;
+* gives the workers the egress table (per tunnel: the outbound SA named by
+  ``steer/out/<tenant>/<tunnel>`` if it is here, else the newest one here) and the
+  VNET host directory;
+* registers ``gpn/nodes/<gpn>`` with a lease; every ``report_interval`` seconds
+  writes ``sastats/<vip>/<spi>`` and ``gpn/load/<gpn>``.
+
+Outbound sequence numbers are never reused. The rule:
+
+1. an outbound SA is installed only if its record was created *after* this agent
+   registered (``create_revision`` > the revision of our registration): an older
+   record may have been used by a previous incarnation of this GPN, whose counter
+   is gone;
+2. an outbound SA that was removed (record gone, moved to another GPN) is never
+   installed again during this agent's life (it is "burnt");
+3. an update of a record (new endpoints after a NAT change) keeps the counter.
+
+So a restarted GPN carries none of its old outbound SAs: the GMN rekeys the tunnel
+(the new SAs are created after the registration). Inbound SAs are reinstalled.
+
+Keys stay in memory and the workers' control pipes; log lines carry tenants,
+tunnels and SPIs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from protego.control.model import PREFIX
+from protego.errors import ConfigError, ProtegoError
+from protego.store.etcd import Etcd, Lease, PutOp, encode_json, key_present
+from protego.store.view import PrefixView
+
+from .engine import Engine, EngineConfig
+from .records import GpnSa, parse_sa_record
+from .tenant import EgressRoute, HostDirectory
+
+__all__ = ["VIP_LABEL", "GpnAgent", "GpnConfig", "choose_backend", "desired_sas", "egress_routes"]
+
+log = logging.getLogger(__name__)
+
+VIP_LABEL = "lo:pg"
+
+
+@dataclass(frozen=True)
+class GpnConfig:
+    node: str
+    fabric_addr: str
+    backend: str = "auto"  # userspace | xfrm | auto
+    workers: int = 0
+    lease_ttl: int = 5
+    report_interval: float = 2.0
+    resync_interval: float = 30.0
+    manage_vips: bool = True
+    raw_esp: bool = True
+
+
+def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> str:
+    """``auto``: the kernel's XFRM when it can do ESP, else the userspace engine."""
+    if requested == "userspace":
+        log.info("data-path backend: userspace (requested)")
+        return "userspace"
+    if probe is None:
+        from protego.xfrm import probe_kernel_esp
+
+        probe = probe_kernel_esp
+    result = probe()
+    if requested == "xfrm":
+        if not result.kernel_esp:
+            raise ConfigError(f"--backend xfrm: the kernel cannot do ESP ({result.message})")
+        raise ConfigError("--backend xfrm: the kernel has ESP, but the xfrm backend of the GPN agent "
+                          "(tenant side through kernel VXLAN/XFRM interfaces) is not implemented yet; "
+                          "use --backend userspace")
+    if result.kernel_esp:
+        log.warning("the kernel can do ESP, but the GPN's xfrm backend is not implemented yet: "
+                    "data-path backend: userspace")
+    else:
+        log.info("data-path backend: userspace (the kernel cannot do ESP)")
+    return "userspace"
+
+
+def desired_sas(records: dict[str, tuple[int, int, Any]], node: str
+                ) -> tuple[dict[str, tuple[int, int, GpnSa]], dict[str, str]]:
+    """``{key: (create_revision, mod_revision, record)}`` -> the SAs placed on ``node``
+    (same shape, parsed) and the invalid ones (``key -> reason``, without keys)."""
+    ok: dict[str, tuple[int, int, GpnSa]] = {}
+    bad: dict[str, str] = {}
+    for key, (crev, mrev, rec) in records.items():
+        if not isinstance(rec, dict) or rec.get("gpn") != node:
+            continue
+        try:
+            ok[key] = (crev, mrev, parse_sa_record(rec, key[len(PREFIX):]))
+        except ConfigError as exc:
+            bad[key] = str(exc)
+    return ok, bad
+
+
+def egress_routes(installed: list[GpnSa], steer: dict[tuple[str, str], str]) -> list[EgressRoute]:
+    """One route per tunnel with an outbound SA here: the steered SPI if it is
+    here, else the newest outbound SA."""
+    by_tunnel: dict[tuple[str, str], list[GpnSa]] = {}
+    for g in installed:
+        if not g.inbound:
+            by_tunnel.setdefault((g.tenant, g.tunnel), []).append(g)
+    routes = []
+    for key, sas in sorted(by_tunnel.items()):
+        want = steer.get(key)
+        chosen = next((g for g in sas if f"{g.spi:08x}" == want), None)
+        if chosen is None:
+            chosen = max(sas, key=lambda g: (g.created, g.spi))
+        routes.append(EgressRoute(chosen.vni, tuple(chosen.local_ts.ranges), tuple(chosen.remote_ts.ranges),
+                                  chosen.spi))
+    return routes
+
+
+class _Cpu:
+    """CPU use of the worker processes (fraction of one core each, and overall)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, float]] = {}
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self, pids: list[int]) -> tuple[float, list[float]]:
+        now = time.monotonic()
+        per = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                used = (int(fields[11]) + int(fields[12])) / self._tick
+            except (OSError, IndexError, ValueError):
+                per.append(0.0)
+                continue
+            t0, u0 = self._last.get(pid, (now, used))
+            self._last[pid] = (now, used)
+            per.append(round(min(1.0, (used - u0) / (now - t0)), 3) if now > t0 else 0.0)
+        cores = os.cpu_count() or 1
+        return round(min(1.0, sum(per) / cores), 3), per
+
+
+class GpnAgent:
+    def __init__(self, cfg: GpnConfig, etcd_factory: Callable[[], Etcd]) -> None:
+        self.cfg = cfg
+        self._etcd_factory = etcd_factory
+        self.etcd: Etcd | None = None
+        self.engine: Engine | None = None
+        self.backend = "userspace"
+        self.sas_view = PrefixView(on_change=self._kick)
+        self.aux_view = PrefixView(on_change=self._kick)
+        self.installed: dict[str, tuple[int, GpnSa]] = {}  # key -> (mod_revision, SA)
+        self.burnt: set[str] = set()  # outbound SA keys never to install again
+        self.refused: dict[str, str] = {}
+        self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
+        self.registered_revision = 0
+        self._acked = 0
+        self._egress: list[EgressRoute] | None = None
+        self._hosts: dict[tuple[int, int], tuple[bytes, str]] | None = None
+        self._vips: set[str] | None = None
+        self._stats_sent: dict[str, tuple[int, int]] = {}
+        self._stats_sent_ts: dict[str, float] = {}
+        self.last_stats: Any = None
+        self.steer_view = PrefixView(on_change=self._kick)
+        self._cpu = _Cpu()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lease: Lease | None = None
+        self._watches: list[Any] = []
+        self._thread: threading.Thread | None = None
+        self.failed: str | None = None
+        self.started = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> GpnAgent:
+        self.backend = choose_backend(self.cfg.backend)
+        # the engine forks its workers: before any etcd/gRPC thread exists
+        self.engine = Engine(EngineConfig(self.cfg.fabric_addr, workers=self.cfg.workers,
+                                          raw_esp=self.cfg.raw_esp)).start()
+        self.started = time.time()
+        try:
+            self._connect()
+        except BaseException:
+            for w in self._watches:
+                w.cancel()
+            self.engine.stop()
+            raise
+        self._thread = threading.Thread(target=self._loop, name="gpn-reconcile", daemon=True)
+        self._thread.start()
+        log.info("gpn agent %s started (fabric %s, backend %s, %d workers)", self.cfg.node, self.cfg.fabric_addr,
+                 self.backend, self.engine.workers)
+        return self
+
+    def _connect(self) -> None:
+        self.etcd = self._etcd_factory()
+        self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._on_lease_lost())
+        self._register()
+        self._watches = [
+            self.etcd.snapshot_and_watch(f"{PREFIX}sas/", self.sas_view, resync_interval=self.cfg.resync_interval,
+                                         name="gpn-sas"),
+            self.etcd.snapshot_and_watch(f"{PREFIX}vnet/", self.aux_view, resync_interval=self.cfg.resync_interval,
+                                         name="gpn-vnet"),
+        ]
+        self._watches.append(self.etcd.snapshot_and_watch(
+            f"{PREFIX}steer/", self.steer_view, resync_interval=self.cfg.resync_interval, name="gpn-steer"))
+        self.sas_view.synced.wait(10)
+
+    def _register(self) -> None:
+        assert self.etcd is not None and self._lease is not None and self.engine is not None
+        rec = {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr, "cores": self.engine.workers,
+               "backend": self.backend, "started": self.started}
+        rev = self.etcd.put_json(f"{PREFIX}gpn/nodes/{self.cfg.node}", rec, lease=self._lease)
+        if not self.registered_revision:  # the first registration of this agent's life
+            self.registered_revision = rev
+
+    def _on_lease_lost(self) -> None:
+        log.warning("gpn %s: registration lease lost; registering again", self.cfg.node)
+        self._lease = None
+        self._kick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(10)
+        for w in self._watches:
+            w.cancel()
+        if self._lease is not None:
+            try:
+                self._lease.revoke()
+            except ProtegoError:
+                pass
+        if self.cfg.manage_vips:
+            try:
+                self._apply_vips(set())
+            except OSError:
+                pass
+        if self.engine is not None:
+            self.engine.stop()
+        log.info("gpn agent %s stopped", self.cfg.node)
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        next_report = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                assert self.engine is not None
+                dead = self.engine.check()
+                if dead:
+                    self.failed = f"worker(s) {dead} died"
+                    log.error("gpn %s: %s; stopping (a restarted engine gets no old outbound SA back)",
+                              self.cfg.node, self.failed)
+                    self._stop.set()
+                    return
+                if self._lease is None:
+                    assert self.etcd is not None
+                    self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._on_lease_lost())
+                    self._register()
+                self.reconcile()
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + self.cfg.report_interval
+                    self.report()
+            except (ProtegoError, OSError) as exc:
+                log.warning("gpn reconcile failed (%s); retrying", exc)
+                time.sleep(0.5)
+                self._wake.set()
+
+    # ------------------------------------------------------------------ reconcile
+    def reconcile(self) -> None:
+        assert self.engine is not None
+        # parse each record once per mod_revision (reconcile runs on every change)
+        want: dict[str, tuple[int, int, GpnSa]] = {}
+        bad: dict[str, str] = {}
+        cache: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
+        for kv in self.sas_view.items(f"{PREFIX}sas/"):
+            hit = self._parsed.get(kv.key)
+            if hit is None or hit[0] != kv.mod_revision:
+                try:
+                    rec = json.loads(kv.value)
+                except ValueError:
+                    continue
+                ok, err = desired_sas({kv.key: (kv.create_revision, kv.mod_revision, rec)}, self.cfg.node)
+                hit = (kv.mod_revision, ok.get(kv.key), err.get(kv.key))
+            cache[kv.key] = hit
+            if hit[1] is not None:
+                want[kv.key] = hit[1]
+            elif hit[2] is not None:
+                bad[kv.key] = hit[2]
+        self._parsed = cache
+        for key, why in bad.items():
+            if self.refused.get(key) != why:
+                log.error("SA record %s refused: %s", key, why)
+        self.refused = bad
+        # removals first (an SPI may move between directions only via a new record)
+        for key in sorted(set(self.installed) - set(want)):
+            _rev, g = self.installed.pop(key)
+            self.engine.remove_sa(g)
+            if not g.inbound:
+                self.burnt.add(key)
+            self._stats_sent.pop(key, None)
+            log.info("%s: removed", g.label)
+        for key, (crev, mrev, g) in sorted(want.items()):
+            cur = self.installed.get(key)
+            if cur is not None and cur[0] == mrev:
+                continue
+            if not g.inbound and cur is None and (key in self.burnt or crev <= self.registered_revision):
+                if key not in self.burnt:
+                    log.warning("%s: created before this GPN registered (it may have been used by a previous "
+                                "incarnation): not installed, waiting for a rekey", g.label)
+                    self.burnt.add(key)
+                continue
+            if cur is not None and not (cur[1].same_keys_and_suite(g) and cur[1].inbound == g.inbound):
+                # same key, different SA material: never happens with the GMN; be safe
+                self.engine.remove_sa(cur[1])
+                if not cur[1].inbound:
+                    self.burnt.add(key)
+                    self.installed.pop(key)
+                    log.error("%s: record changed its keys; outbound SA dropped", g.label)
+                    continue
+                cur = None
+            self.engine.add_sa(g, update=cur is not None)
+            self.installed[key] = (mrev, g)
+            log.info("%s: %s (%s, peer %s:%d, vni %d)", g.label, "updated" if cur else "installed",
+                     g.sa.suite.value, g.peer, g.peer_port, g.vni)
+        # VIPs, egress table, host directory
+        sas = [g for _r, g in self.installed.values()]
+        if self.cfg.manage_vips:
+            vips = {g.vip for g in sas}
+            if vips != self._vips:
+                self._apply_vips(vips)
+                self._vips = vips
+        steer = {}
+        for key, val in self.steer_view.json_items(f"{PREFIX}steer/out/").items():
+            parts = key[len(PREFIX) + len("steer/out/"):].split("/")
+            if len(parts) == 2 and isinstance(val, dict):
+                steer[(parts[0], parts[1])] = str(val.get("spi", ""))
+        routes = egress_routes(sas, steer)
+        if routes != self._egress:
+            self.engine.set_egress(routes)
+            self._egress = routes
+        hosts = HostDirectory.parse_etcd(self.aux_view.json_items(f"{PREFIX}vnet/"))
+        if hosts != self._hosts:
+            self.engine.set_hosts(hosts)
+            self._hosts = hosts
+        # every SA the GMN places writes sas/ and steer/ in one transaction, so both
+        # views reach its revision: the minimum says both were applied (SA and egress)
+        self._ack(min(self.sas_view.revision, self.steer_view.revision))
+
+    def _ack(self, revision: int) -> None:
+        """Publish the etcd revision the data path now reflects (``gpn/applied/<gpn>``):
+        the GMN holds charon's ``add_sa`` until the SA's GPN has acknowledged it, so a
+        peer never uses a new SA the data path does not have yet."""
+        if revision <= self._acked or self.etcd is None or self._lease is None:
+            return
+        self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}", {"revision": revision, "ts": time.time()},
+                           lease=self._lease)
+        self._acked = revision
+
+    def _apply_vips(self, want: set[str]) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ip:
+            lo = ip.link_lookup(ifname="lo")[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=lo, family=2)
+                    if a.get_attr("IFA_LABEL") == VIP_LABEL}
+            for vip in sorted(want - have):
+                ip.addr("add", index=lo, address=vip, prefixlen=32, label=VIP_LABEL)
+                log.info("VIP %s added on lo", vip)
+            for vip in sorted(have - want):
+                ip.addr("del", index=lo, address=vip, prefixlen=32)
+                log.info("VIP %s removed from lo", vip)
+
+    # ------------------------------------------------------------------ reports
+    def report(self) -> None:
+        assert self.engine is not None and self.etcd is not None
+        st = self.engine.stats()
+        now = time.time()
+        stats: list[tuple[str, PutOp]] = []  # (SA record key, sastats put)
+        for key, (_rev, g) in self.installed.items():
+            skey = ("in" if g.inbound else "out", g.spi)
+            pk, by, last = st.sas.get(skey, (0, 0, 0.0))
+            if self._stats_sent.get(key) == (pk, by) and now - self._stats_sent_ts.get(key, 0) < 30:
+                continue
+            self._stats_sent[key] = (pk, by)
+            self._stats_sent_ts[key] = now
+            rec: dict[str, Any] = {"bytes": by, "packets": pk, "last_use": last or None, "ts": now}
+            if skey in st.rekey:
+                # the sequence space (or a byte/packet soft lifetime) is nearly used up
+                rec["rekey_requested"] = True
+            stats.append((key, PutOp(f"{PREFIX}sastats/{g.vip}/{g.spi:08x}", encode_json(rec))))
+        # a counter is written only while its SA record exists: the GMN deletes both
+        # together, and a late report must not leave an orphan behind
+        for i in range(0, len(stats), 50):
+            chunk = stats[i:i + 50]
+            if not self.etcd.txn([key_present(k) for k, _op in chunk], [op for _k, op in chunk]).succeeded:
+                for k, op in chunk:
+                    self.etcd.txn([key_present(k)], [op])
+        cpu, per = self._cpu.sample(st.pids)
+        self.etcd.put_json(f"{PREFIX}gpn/load/{self.cfg.node}", {
+            "cpu": cpu, "per_core": per, "ts": now, "sas": len(self.installed),
+            "drops": {k: v for k, v in st.drops.items() if v},
+            "counters": {k: v for k, v in st.counters.items() if v}})
+        self.last_stats = st

@@ -1,0 +1,202 @@
+"""The GPN agent's reconcile logic with a fake engine and in-memory views (no etcd)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import pytest
+
+from protego.control.model import PREFIX
+from protego.errors import ConfigError
+from protego.gpn.agent import GpnAgent, GpnConfig, choose_backend, desired_sas, egress_routes
+from protego.gpn.records import GpnSa, parse_sa_record
+from protego.store.etcd import KV
+from protego.xfrm.probe import EspProbeResult
+
+KEY = os.urandom(20)
+
+
+def rec(spi: int, direction: str, gpn: str = "gpn1", tunnel: str = "hq", created: float = 1.0,
+        dport: int = 4500) -> dict[str, Any]:
+    inbound = direction == "in"
+    return {
+        "spi": f"{spi:08x}", "vip": "203.0.113.11", "direction": direction, "tenant": "acme", "tunnel": tunnel,
+        "vni": 1001, "gpn": gpn, "mode": "tunnel", "encap": True,
+        "src": "198.18.1.1" if inbound else "203.0.113.11", "dst": "203.0.113.11" if inbound else "198.18.1.1",
+        "sport": 4500, "dport": dport, "suite": "aes128gcm16", "enc_key": base64.b64encode(KEY).decode(),
+        "integ_key": "", "esn": False, "replay_window": 32, "local_ts": ["10.1.0.0/24"],
+        "remote_ts": ["10.201.0.0/24"], "created": created,
+    }
+
+
+class FakeEngine:
+    workers = 2
+
+    def __init__(self) -> None:
+        self.sas: dict[tuple[str, int], GpnSa] = {}
+        self.calls: list[tuple[str, int, bool]] = []
+        self.egress: list[Any] = []
+        self.hosts: dict[Any, Any] = {}
+
+    def check(self) -> list[int]:
+        return []
+
+    def add_sa(self, g: GpnSa, update: bool = False) -> None:
+        self.sas[("in" if g.inbound else "out", g.spi)] = g
+        self.calls.append(("add", g.spi, update))
+
+    def remove_sa(self, g: GpnSa) -> None:
+        self.sas.pop(("in" if g.inbound else "out", g.spi), None)
+        self.calls.append(("del", g.spi, False))
+
+    def set_egress(self, routes: list[Any]) -> None:
+        self.egress = routes
+
+    def set_hosts(self, entries: dict[Any, Any]) -> None:
+        self.hosts = entries
+
+
+def agent_with(records: dict[int, tuple[int, dict[str, Any]]], registered: int = 10) -> GpnAgent:
+    a = GpnAgent(GpnConfig(node="gpn1", fabric_addr="192.0.2.21", manage_vips=False), lambda: None)  # type: ignore[arg-type,return-value]
+    a.engine = FakeEngine()  # type: ignore[assignment]
+    a.registered_revision = registered
+    set_records(a, records)
+    a.aux_view.on_snapshot(1, [KV(f"{PREFIX}vnet/1001/10.1.0.10", json.dumps(
+        {"mac": "02:00:03:e9:00:01", "vtep": "192.0.2.101"}).encode(), 1, 1, 1)])
+    return a
+
+
+def set_records(a: GpnAgent, records: dict[int, tuple[int, dict[str, Any]]], mod: int | None = None) -> None:
+    kvs = [KV(f"{PREFIX}sas/203.0.113.11/{spi:08x}", json.dumps(r).encode(), crev, mod or crev, 1)
+           for spi, (crev, r) in records.items()]
+    a.sas_view.on_snapshot(100, kvs)
+
+
+def test_installs_only_its_own_sas_and_new_outbound_ones() -> None:
+    a = agent_with({
+        0x1001: (5, rec(0x1001, "in")),  # older than our registration: inbound is fine
+        0x2001: (6, rec(0x2001, "out")),  # older: may have been used before -> never installed
+        0x1002: (11, rec(0x1002, "in")),
+        0x2002: (12, rec(0x2002, "out")),
+        0x1003: (13, rec(0x1003, "in", gpn="gpn2")),  # another GPN's
+    })
+    a.reconcile()
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    assert set(eng.sas) == {("in", 0x1001), ("in", 0x1002), ("out", 0x2002)}
+    assert f"{PREFIX}sas/203.0.113.11/00002001" in a.burnt
+    assert [r.spi for r in eng.egress] == [0x2002]
+    assert eng.hosts == {(1001, 0x0A01000A): (bytes.fromhex("020003e90001"), "192.0.2.101")}
+    a.reconcile()  # level-triggered: nothing changes the second time
+    assert len(eng.calls) == 3
+
+
+def test_removed_outbound_sa_is_never_installed_again_and_updates_keep_it() -> None:
+    a = agent_with({0x2002: (12, rec(0x2002, "out"))})
+    a.reconcile()
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    # a NAT change: same SA, new port -> update (the counter is kept)
+    set_records(a, {0x2002: (12, rec(0x2002, "out", dport=4501))}, mod=20)
+    a.reconcile()
+    assert eng.calls[-1] == ("add", 0x2002, True) and eng.sas[("out", 0x2002)].peer_port == 4501
+    set_records(a, {})
+    a.reconcile()
+    assert eng.calls[-1] == ("del", 0x2002, False) and not eng.sas and eng.egress == []
+    set_records(a, {0x2002: (30, rec(0x2002, "out"))})  # back (e.g. moved away and back)
+    a.reconcile()
+    assert not eng.sas
+
+
+def test_invalid_records_are_refused_one_by_one() -> None:
+    bad = rec(0x1009, "in")
+    bad["suite"] = "des"
+    a = agent_with({0x1001: (11, rec(0x1001, "in")), 0x1009: (12, bad)})
+    a.reconcile()
+    assert set(a.engine.sas) == {("in", 0x1001)}  # type: ignore[union-attr]
+    assert list(a.refused) == [f"{PREFIX}sas/203.0.113.11/00001009"]
+    assert KEY.hex() not in json.dumps(a.refused)
+
+
+def test_egress_uses_steered_spi_else_newest() -> None:
+    old = parse_sa_record(rec(0x2001, "out", created=1.0))
+    new = parse_sa_record(rec(0x2002, "out", created=2.0))
+    other = parse_sa_record(rec(0x2003, "out", tunnel="branch", created=1.0))
+    inbound = parse_sa_record(rec(0x1001, "in"))
+    routes = egress_routes([old, new, other, inbound], {})
+    assert sorted(r.spi for r in routes) == [0x2002, 0x2003]
+    routes = egress_routes([old, new, other], {("acme", "hq"): "00002001"})
+    assert sorted(r.spi for r in routes) == [0x2001, 0x2003]
+
+
+def test_desired_sas_filters_by_node() -> None:
+    ok, bad = desired_sas({"k1": (1, 1, rec(0x1001, "in")), "k2": (1, 1, rec(0x1002, "in", gpn="gpn2")),
+                           "k3": (1, 1, "junk")}, "gpn1")
+    assert list(ok) == ["k1"] and not bad
+
+
+def test_backend_choice() -> None:
+    no_esp = EspProbeResult(False, "userspace", "no ESP here")
+    has_esp = EspProbeResult(True, "xfrm", "ESP works")
+    assert choose_backend("userspace", lambda: pytest.fail("no probe needed")) == "userspace"
+    assert choose_backend("auto", lambda: no_esp) == "userspace"
+    assert choose_backend("auto", lambda: has_esp) == "userspace"  # xfrm backend not implemented: said in the log
+    with pytest.raises(ConfigError, match="cannot do ESP"):
+        choose_backend("xfrm", lambda: no_esp)
+    with pytest.raises(ConfigError, match="not implemented"):
+        choose_backend("xfrm", lambda: has_esp)
+
+
+def test_cli_group_and_options() -> None:
+    from click.testing import CliRunner
+
+    from protego.gpn.cli import gpn
+
+    res = CliRunner().invoke(gpn, ["run", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--node", "--fabric-addr", "--backend", "--workers"):
+        assert opt in res.output
+
+
+class FakeEtcd:
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+        self.data: dict[str, Any] = {}
+
+    def txn(self, compares: list[Any], ops: list[Any]) -> Any:
+        ok = all(c.key in self.present for c in compares)
+        if ok:
+            for op in ops:
+                self.data[op.key] = json.loads(op.value)
+
+        class R:
+            succeeded = ok
+        return R()
+
+    def put_json(self, key: str, obj: Any, lease: Any = None) -> int:
+        self.data[key] = obj
+        return 1
+
+
+def test_report_writes_counters_only_for_existing_records() -> None:
+    from protego.gpn.engine import EngineStats
+
+    a = agent_with({0x1001: (11, rec(0x1001, "in")), 0x2002: (12, rec(0x2002, "out"))})
+    a.reconcile()
+    k_in, k_out = (f"{PREFIX}sas/203.0.113.11/{s:08x}" for s in (0x1001, 0x2002))
+    etcd = FakeEtcd({k_in})  # the outbound record was just deleted by the GMN
+    a.etcd = etcd  # type: ignore[assignment]
+    a.engine.stats = lambda: EngineStats(  # type: ignore[union-attr,method-assign]
+        sas={("in", 0x1001): (5, 500, 1700000000.0), ("out", 0x2002): (7, 700, 1700000001.0)},
+        rekey={("out", 0x2002)}, drops={"replayed": 2}, counters={"esp_in": 5}, pids=[])
+    a.report()
+    assert etcd.data[f"{PREFIX}sastats/203.0.113.11/00001001"] == {
+        "bytes": 500, "packets": 5, "last_use": 1700000000.0, "ts": etcd.data[f"{PREFIX}sastats/203.0.113.11/00001001"]["ts"]}
+    assert f"{PREFIX}sastats/203.0.113.11/00002002" not in etcd.data  # no orphan
+    etcd.present.add(k_out)
+    a._stats_sent.clear()
+    a.report()
+    assert etcd.data[f"{PREFIX}sastats/203.0.113.11/00002002"]["rekey_requested"] is True
+    load = etcd.data[f"{PREFIX}gpn/load/gpn1"]
+    assert load["drops"] == {"replayed": 2} and load["counters"] == {"esp_in": 5} and load["sas"] == 2
