@@ -141,8 +141,8 @@ def exec_(name: str, node: str, cmd: tuple[str, ...]) -> None:
 
 @testbed.command()
 @click.option("--name", default="pt", show_default=True)
-@click.option("--mode", type=click.Choice(MODES), default="baseline", show_default=True,
-              help="Which system carries the tunnels. Protego's own roles join the demo as they land.")
+@click.option("--mode", type=click.Choice(MODES), default="protego", show_default=True,
+              help="Which system carries the tunnels: Protego, or the baseline (a gateway per tenant).")
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="iperf3 duration per direction.")
 @click.option("--json", "as_json", is_flag=True)
 def demo(name: str, mode: str, seconds: float, as_json: bool) -> None:
