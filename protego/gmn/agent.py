@@ -98,6 +98,7 @@ class GmnAgent:
         self._watch: Any = None
         self._thread: threading.Thread | None = None
         self._sa_lock = threading.Lock()
+        self._req_rev: dict[str, int] = {}  # migration request key -> the mod_revision we last saw
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
             on_change=self._on_plugin_event,
@@ -517,7 +518,9 @@ class GmnAgent:
         placement to the target GPN and ask charon to rekey its CHILD_SA; the new SAs
         land on the target (``_add_sa``), steering follows the records, charon deletes
         the old SAs and their records go with them."""
-        for key, req in self.view.json_items(MIGRATE_PREFIX).items():
+        for kv in self.view.items(MIGRATE_PREFIX):
+            key, req = kv.key, kv.json()
+            self._req_rev[key] = kv.mod_revision
             parts = key[len(MIGRATE_PREFIX):].split("/")
             if len(parts) != 2:
                 continue
@@ -548,11 +551,12 @@ class GmnAgent:
                 return
             place = self.view.get_json(placement_key(tenant, tunnel)) or {}
             source = place.get("gpn")
+            if not self._update_request(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
+                                              "old_spi_in": child.get("spi_in"), "by": self.cfg.node}):
+                return  # withdrawn meanwhile
             with self._sa_lock:
                 self.state.pinned[(tenant, tunnel)] = target
                 self.etcd.put_json(placement_key(tenant, tunnel), {**place, "next_gpn": target})
-                self.etcd.put_json(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
-                                         "old_spi_in": child.get("spi_in"), "by": self.cfg.node})
             self._event("migration-started", tenant, tunnel, f"{source} -> {target}")
             v.rekey_child(child["child_id"])
         log.info("tunnel %s/%s: migrating %s -> %s (rekey of CHILD_SA %s)", tenant, tunnel, source, target,
@@ -566,7 +570,8 @@ class GmnAgent:
         switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs)
         if switched and "switched" not in req:
             req = {**req, "switched": time.time()}
-            self.etcd.put_json(key, req)
+            if not self._update_request(key, req):
+                return
             self._event("migration-switched", tenant, tunnel, f"now on {target}")
         if switched and all(r["gpn"] == target for r in recs):
             self._finish_migration(key, tenant, tunnel, req, "done", f"moved to {target}")
@@ -574,9 +579,18 @@ class GmnAgent:
             self._finish_migration(key, tenant, tunnel, req, "failed",
                                    f"not on {target} after {MIGRATION_TIMEOUT:.0f} s")
 
+    def _update_request(self, key: str, value: dict[str, Any]) -> bool:
+        """Compare-and-swap a request we read: one its requester removed is never resurrected."""
+        rev = self._req_rev.get(key, 0)
+        if not rev or not self.etcd.cas(key, encode_json(value), rev):
+            return False
+        kv = self.etcd.get(key)
+        self._req_rev[key] = kv.mod_revision if kv else 0
+        return True
+
     def _finish_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any], state: str,
                           detail: str) -> None:
-        self.etcd.put_json(key, {**req, "state": state, "detail": detail, "finished": time.time()})
+        self._update_request(key, {**req, "state": state, "detail": detail, "finished": time.time()})
         if state == "failed":
             with self._sa_lock:
                 self.state.pinned.pop((tenant, tunnel), None)

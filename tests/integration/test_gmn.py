@@ -171,7 +171,8 @@ def test_exported_inbound_key_decrypts_what_the_peer_sends(bed: Bed) -> None:
     site = bed.tb.topology.sites[0]
     tenant = bed.tb.topology.tenant(site.tenant)
     rec = next(r for r in bed.records(site.tenant).values() if r["direction"] == "in")
-    cap = subprocess.Popen(["ip", "netns", "exec", bed.tb.ns("gmn1"), sys.executable, "-c", CAPTURE, rec["spi"]],
+    # the GIN steers the peer's ESP to the GPN holding the SA: capture it there
+    cap = subprocess.Popen(["ip", "netns", "exec", bed.tb.ns(rec["gpn"]), sys.executable, "-c", CAPTURE, rec["spi"]],
                            stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
     subprocess.run(["ip", "netns", "exec", bed.tb.ns(f"s-{site.name}-h1"), "ping", "-c", "3", "-i", "0.2", "-W", "1",
