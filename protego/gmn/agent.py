@@ -60,6 +60,7 @@ MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
 EVENTS_PREFIX = f"{PREFIX}events/"
 MIGRATION_TIMEOUT = 30.0
 MAX_EVENTS = 500
+DEFER_SWITCH_S = 2.0  # longest wait for a peer's DELETE before using the new outbound SA
 VIP_LABEL = "lo:pg"
 
 
@@ -83,6 +84,7 @@ class _State:
     pending_gpn: dict[tuple[str, str], str] = field(default_factory=dict)  # newest inbound placement
     pinned: dict[tuple[str, str], str] = field(default_factory=dict)  # migration targets not yet mirrored
     rekeyed: dict[str, float] = field(default_factory=dict)  # outbound SA record key -> when we asked
+    deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
 
 
 class GmnAgent:
@@ -161,6 +163,7 @@ class GmnAgent:
                 full = time.monotonic() - last_full > self.cfg.resync_interval
                 self._reconcile_conns(force_check=full)
                 if self.state.leader:
+                    self._switch_deferred()
                     self._handle_migrations()
                     self._rekey_burnt_outbound()
                 if full:
@@ -418,6 +421,8 @@ class GmnAgent:
                         return
             rec = sa_record(sa, owner, gpn, self.cfg.node)
             ops = [PutOp(sa_key(owner.vip, sa.spi), encode_json(rec))]
+            deferred = (not sa.inbound and not sa.initiator
+                        and bool(self._outbound_records(t, tun, exclude_spi=sa.spi)))
             gpns = self.gpn_views()
             # steering entries are checked the way the GIN/GEN will read them: a bad one is
             # refused here, where it is written, not dropped silently there
@@ -425,23 +430,37 @@ class GmnAgent:
                 steer_key, steer = steer_in_key(owner.vip, sa.spi), steer_in_record(owner, gpn)
                 validate_steer_in(steer_key[len(PREFIX):], steer, gpns)
                 ops += [PutOp(steer_key, encode_json(steer)), DeleteOp(spi_reservation_key(owner.vip, sa.spi))]
+            elif deferred:
+                # we answered the peer's rekey: the peer installs its new inbound SA only
+                # when our response arrives, so the data path keeps the old outbound SA
+                # until the peer deletes it (or for DEFER_SWITCH_S at the most)
+                ops += [PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                self.state.deferred[(t, tun)] = time.monotonic()
+                log.info("tunnel %s/%s: outbound switch to %08x deferred until the peer deletes the old SA",
+                         t, tun, sa.spi)
             else:
                 steer_key, steer = steer_out_key(t, tun), steer_out_record(owner, gpn, sa.spi, rec["local_ts"])
                 validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
                 ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                self.state.deferred.pop((t, tun), None)
             revision = self.etcd.txn([], ops).revision
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
         # side ever uses an SA the data path does not have yet (no loss on rekey)
-        self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}")
+        self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=deferred)
 
-    def _wait_applied(self, gpn: str, revision: int, what: str) -> None:
+    def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False) -> None:
+        """``sas_only``: only the GPN's installation counts (nothing is steered to the SA yet)."""
+        field_ = "sas_revision" if sas_only else "revision"
         deadline = time.monotonic() + self.cfg.apply_timeout
         t0 = time.monotonic()
         with self._applied:
             while True:
-                pending = [k for k in self._ack_keys(gpn) if (self.view.get_json(k) or {}).get("revision", 0) < revision]
+                keys = self._ack_keys(gpn)
+                if sas_only:
+                    keys = [k for k in keys if k.startswith(f"{PREFIX}gpn/applied/")]
+                pending = [k for k in keys if (self.view.get_json(k) or {}).get(field_, 0) < revision]
                 if not pending:
                     log.debug("%s: data path ready after %.1f ms", what, (time.monotonic() - t0) * 1000)
                     return
@@ -482,11 +501,35 @@ class GmnAgent:
             self.etcd.txn([], ops)
             log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
 
-    def _repoint_outbound(self, rec: dict[str, Any], exclude: str) -> list[Any]:
+    def _outbound_records(self, tenant: str, tunnel: str, exclude_spi: int | None = None
+                          ) -> list[tuple[str, dict[str, Any]]]:
+        hexspi = spi_hex(exclude_spi) if exclude_spi is not None else None
+        return [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+                if r.get("tenant") == tenant and r.get("tunnel") == tunnel and r.get("direction") == "out"
+                and r.get("spi") != hexspi]
+
+    def _switch_deferred(self) -> None:
+        """Outbound switches deferred for a peer's rekey that the peer never completed
+        with a DELETE: after DEFER_SWITCH_S the peer has long installed its inbound SA."""
+        now = time.monotonic()
+        for (t, tun), since in list(self.state.deferred.items()):
+            if now - since < DEFER_SWITCH_S:
+                continue
+            self.state.deferred.pop((t, tun), None)
+            with self._sa_lock:
+                cur = self.view.get_json(steer_out_key(t, tun)) or {}
+                ops = self._repoint_outbound({"tenant": t, "tunnel": tun, "spi": cur.get("spi")}, exclude="",
+                                             force=True)
+                if ops:
+                    self.etcd.txn([], ops)
+                    log.info("tunnel %s/%s: deferred outbound switch done after %.0f s", t, tun, DEFER_SWITCH_S)
+
+    def _repoint_outbound(self, rec: dict[str, Any], exclude: str, force: bool = False) -> list[Any]:
         """After an outbound SA goes, steer the tunnel to its newest remaining outbound SA."""
         t, tun = rec["tenant"], rec["tunnel"]
+        self.state.deferred.pop((t, tun), None)
         cur = self.view.get_json(steer_out_key(t, tun)) or {}
-        if cur.get("spi") not in (None, rec["spi"]):
+        if not force and cur.get("spi") not in (None, rec["spi"]):
             return []
         others = [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
                   if k != exclude and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]

@@ -168,7 +168,7 @@ class GpnAgent:
         self.refused: dict[str, str] = {}
         self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
         self.registered_revision = 0
-        self._acked = 0
+        self._acked = (0, 0)
         self._egress: list[EgressRoute] | None = None
         self._hosts: dict[tuple[int, int], tuple[bytes, str]] | None = None
         self._vips: set[str] | None = None
@@ -371,11 +371,14 @@ class GpnAgent:
         """Publish the etcd revision the data path now reflects (``gpn/applied/<gpn>``):
         the GMN holds charon's ``add_sa`` until the SA's GPN has acknowledged it, so a
         peer never uses a new SA the data path does not have yet."""
-        if revision <= self._acked or self.etcd is None or self._lease is None:
+        sas_rev = self.sas_view.revision
+        if (revision <= self._acked[0] and sas_rev <= self._acked[1]) or self.etcd is None or self._lease is None:
             return
-        self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}", {"revision": revision, "ts": time.time()},
-                           lease=self._lease)
-        self._acked = revision
+        # sas_revision alone: the SAs are installed (what an SA the GMN does not steer to
+        # yet needs); revision: SAs and egress steering both applied
+        self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}",
+                           {"revision": revision, "sas_revision": sas_rev, "ts": time.time()}, lease=self._lease)
+        self._acked = (revision, sas_rev)
 
     def _apply_vips(self, want: set[str]) -> None:
         from pyroute2 import IPRoute
