@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from protego.esp.engine import Decapsulator, OutboundSa, Verdict
+from protego.esp.engine import Decapsulator, DropReason, OutboundSa, Verdict
 from protego.esp.framing import IPPROTO_ESP, build_ipv4_header, parse_ipv4
 from protego.esp.sa import SaExpiredError, SequenceExhaustedError
 from protego.lb import heartbeat as hb
@@ -71,7 +71,7 @@ COUNTERS = (
     "esp_in", "esp_out", "vxlan_in", "vxlan_out",
     "no_tunnel", "no_outbound_sa", "no_host", "ts_mismatch", "seq_blocked", "seq_waits", "sa_exhausted",
     "bad_vxlan", "send_errors", "ike_ignored", "keepalives",
-    "hb_probes", "hb_tag_answers", "gro_batches", "gso_sends", "internal_errors",
+    "hb_probes", "hb_tag_answers", "gro_batches", "gso_sends", "internal_errors", "spi_late_installs",
 )
 
 
@@ -339,12 +339,26 @@ class Worker:
             if spi:
                 self._tagged(hb.TagInfo(17, self.cfg.dscp, spi, seq))
         res = self.dec.decap_udp(payload)
+        if res.reason is DropReason.UNKNOWN_SPI and self._sa_pending():
+            res = self.dec.decap_udp(payload)
         if res.verdict is Verdict.ACCEPT:
             self._deliver(res)
         elif res.verdict is Verdict.IKE:
             self.c["ike_ignored"] += 1  # IKE belongs to the GMN; never answered here
         elif res.verdict is Verdict.KEEPALIVE:
             self.c["keepalives"] += 1
+
+    def _sa_pending(self) -> bool:
+        """An unknown SPI may be an SA the agent installed a moment ago whose request still
+        waits in the control pipe (the GMN let the peer use it once the agent had sent it):
+        apply pending control requests and say whether a retry is worth it. The drop just
+        counted is taken back; the retry counts its own."""
+        if self.conn is None or not self.conn.poll():
+            return False
+        self._control()
+        self.dec.drops.counts[DropReason.UNKNOWN_SPI] -= 1
+        self.c["spi_late_installs"] += 1
+        return True
 
     def _internal_error(self) -> None:
         n = self.c["internal_errors"] = self.c["internal_errors"] + 1
@@ -370,6 +384,8 @@ class Worker:
                 if outer is None or outer.proto != IPPROTO_ESP:
                     continue
                 res = self.dec.decap_esp(outer.payload, False)
+                if res.reason is DropReason.UNKNOWN_SPI and self._sa_pending():
+                    res = self.dec.decap_esp(outer.payload, False)
                 if res.verdict is Verdict.ACCEPT:
                     self._deliver(res)
             except Exception:  # noqa: BLE001 - a bug must cost a packet, not the worker

@@ -15,23 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from protego.control.model import PREFIX
+from tests.conftest import wait_until
 from protego.testbed import netns, procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.topology import load_topology
 
 TOPOLOGY = Path(__file__).parent / "data" / "gpn-topology.toml"
 PY = sys.executable
-
-
-def wait_until(pred, timeout: float, what: str, step: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 class GpnBed:

@@ -21,7 +21,7 @@ from protego.testbed import testbed as tbmod
 from protego.testbed.demo import site_traffic
 from protego.testbed.topology import load_topology
 from protego.testbed.traffic import ping
-from tests.conftest import unique_name
+from tests.conftest import unique_name, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -37,17 +37,6 @@ def tb() -> Iterator[tbmod.Testbed]:
         yield bed
     finally:
         tbmod.down(name)
-
-
-def wait_until(pred, timeout: float, what: str, step: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 def records(tb: tbmod.Testbed) -> dict[str, dict[str, Any]]:

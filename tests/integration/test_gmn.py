@@ -29,20 +29,9 @@ from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.topology import load_topology
 from protego.vici_client import ViciClient
-from tests.conftest import unique_name
+from tests.conftest import unique_name, wait_until
 
 pytestmark = pytest.mark.root
-
-
-def wait_until(pred, timeout: float, what: str, step: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 class Bed:
