@@ -312,14 +312,9 @@ class GpnAgent:
             if self.refused.get(key) != why:
                 log.error("SA record %s refused: %s", key, why)
         self.refused = bad
-        # removals first (an SPI may move between directions only via a new record)
-        for key in sorted(set(self.installed) - set(want)):
-            _rev, g = self.installed.pop(key)
-            self.engine.remove_sa(g)
-            if not g.inbound:
-                self.burnt.add(key)
-            self._stats_sent.pop(key, None)
-            log.info("%s: removed", g.label)
+        # SAs to remove go last, after the egress table stops naming them: a worker must
+        # never hold a route to an outbound SA it no longer has
+        removed = {key: self.installed.pop(key)[1] for key in sorted(set(self.installed) - set(want))}
         for key, (crev, mrev, g) in sorted(want.items()):
             cur = self.installed.get(key)
             if cur is not None and cur[0] == mrev:
@@ -359,6 +354,12 @@ class GpnAgent:
         if routes != self._egress:
             self.engine.set_egress(routes)
             self._egress = routes
+        for key, g in removed.items():
+            self.engine.remove_sa(g)
+            if not g.inbound:
+                self.burnt.add(key)
+            self._stats_sent.pop(key, None)
+            log.info("%s: removed", g.label)
         hosts = HostDirectory.parse_etcd(self.aux_view.json_items(f"{PREFIX}vnet/"))
         if hosts != self._hosts:
             self.engine.set_hosts(hosts)

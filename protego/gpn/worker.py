@@ -59,7 +59,7 @@ IP_PKTINFO = 8
 IP_RECVTOS = 13
 
 BATCH = 64  # datagrams drained per socket per round
-SEQ_WAIT = 0.0005  # seconds a worker waits for a sequence block before dropping
+SEQ_WAIT = 0.002  # seconds a worker waits for a sequence block before dropping
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 RECV_BUF = 65536

@@ -88,8 +88,6 @@ def test_ping_and_iperf3_both_ways_and_isolation(tb: tbmod.Testbed, site: str) -
     assert row["site_to_tenant_mbps"] > 10 and row["tenant_to_site_mbps"] > 10
 
 
-@pytest.mark.xfail(reason="intermittent (issue 6): in about 1 run in 5, one of ~600 pings of one tunnel is lost "
-                          "across three simultaneous peer-initiated rekeys; being investigated", strict=False)
 def test_rekey_every_child_sa_under_traffic_loses_nothing(tb: tbmod.Testbed) -> None:
     before = records(tb)
     streams = {s.name: PingStream(tb, s.name) for s in tb.topology.sites}
