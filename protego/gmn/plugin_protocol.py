@@ -580,10 +580,9 @@ class _PolicyIdentity:
 
 
 @dataclass(frozen=True)
-class AddPolicy(_PolicyIdentity, Message):
-    TYPE: ClassVar[int] = MsgType.ADD_POLICY
-    FIELDS: ClassVar[tuple[F, ...]] = _POLICY_ID + _POLICY_DATA + (F("dump", Attr.DUMP, "bool"),)
-    REQUIRED: ClassVar[tuple[str, ...]] = ("dir", "src_ts", "dst_ts")
+class _PolicyBody(_PolicyIdentity):
+    """The fields add_policy and del_policy share (charon passes the same policy data)."""
+
     dir: int = PolicyDir.OUT
     src_ts: TrafficSelector | None = None
     dst_ts: TrafficSelector | None = None
@@ -602,32 +601,21 @@ class AddPolicy(_PolicyIdentity, Message):
     ah_spi: int | None = None
     ipcomp: int | None = None
     cpi: int | None = None
+
+
+@dataclass(frozen=True)
+class AddPolicy(_PolicyBody, Message):
+    TYPE: ClassVar[int] = MsgType.ADD_POLICY
+    FIELDS: ClassVar[tuple[F, ...]] = _POLICY_ID + _POLICY_DATA + (F("dump", Attr.DUMP, "bool"),)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("dir", "src_ts", "dst_ts")
     dump: bool = False
 
 
 @dataclass(frozen=True)
-class DelPolicy(_PolicyIdentity, Message):
+class DelPolicy(_PolicyBody, Message):
     TYPE: ClassVar[int] = MsgType.DEL_POLICY
     FIELDS: ClassVar[tuple[F, ...]] = _POLICY_ID + _POLICY_DATA
     REQUIRED: ClassVar[tuple[str, ...]] = ("dir", "src_ts", "dst_ts")
-    dir: int = PolicyDir.OUT
-    src_ts: TrafficSelector | None = None
-    dst_ts: TrafficSelector | None = None
-    mark: Mark | None = None
-    if_id: int | None = None
-    interface: str | None = None
-    label: bytes | None = None
-    type: int = 1
-    prio: int = 1
-    manual_prio: int | None = None
-    src: Host | None = None
-    dst: Host | None = None
-    mode: int | None = None
-    reqid: int | None = None
-    esp_spi: int | None = None
-    ah_spi: int | None = None
-    ipcomp: int | None = None
-    cpi: int | None = None
 
 
 @dataclass(frozen=True)
