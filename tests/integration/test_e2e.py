@@ -7,6 +7,7 @@ prefix), each with a site whose real strongSwan peer initiates to the tenant's V
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.demo import site_traffic
+from protego.testbed.probe import UdpProbe
 from protego.testbed.topology import load_topology
 from protego.testbed.traffic import ping
 from tests.conftest import unique_name, wait_until
@@ -53,24 +55,12 @@ def ike_spis(tb: tbmod.Testbed) -> dict[str, str]:
     return {s: t["ike_spi_i"] for s, t in tbmod.site_tunnels(tb).items()}
 
 
-class PingStream:
-    """A steady ping (every 10 ms) from a site host to its tenant host, counted at the end."""
-
-    def __init__(self, tb: tbmod.Testbed, site: str) -> None:
-        s = next(x for x in tb.topology.sites if x.name == site)
-        dst = str(tb.topology.tenant(s.tenant).hosts[0])
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", tb.ns(f"s-{site}-h1"), "ping", "-n", "-q", "-i", "0.01", "-W", "1", dst],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def stop(self) -> tuple[int, int]:
-        self.proc.send_signal(signal.SIGINT)
-        out = self.proc.communicate(timeout=10)[0]
-        import re
-
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        return int(m.group(1)), int(m.group(2))
+def probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
+    """A sequence-numbered UDP stream (one datagram every 10 ms, echoed back) from a site host
+    to its tenant host: exact losses, by direction, once stopped."""
+    s = next(x for x in tb.topology.sites if x.name == site)
+    dst = str(tb.topology.tenant(s.tenant).hosts[0])
+    return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
 
 
 def test_tunnels_spread_over_gpns(tb: tbmod.Testbed) -> None:
@@ -90,19 +80,20 @@ def test_ping_and_iperf3_both_ways_and_isolation(tb: tbmod.Testbed, site: str) -
 
 def test_rekey_every_child_sa_under_traffic_loses_nothing(tb: tbmod.Testbed) -> None:
     before = records(tb)
-    streams = {s.name: PingStream(tb, s.name) for s in tb.topology.sites}
-    time.sleep(1)
-    old_children = {s: t["spi_in"] for s, t in tbmod.site_tunnels(tb).items()}
-    for s in tb.topology.sites:
-        with tb.vici(f"s-{s.name}") as v:
-            child = next(iter(v.list_sas(s.name)))
-            v.rekey_child(child["child_id"])
-    wait_until(lambda: all(t["spi_in"] != old_children[s] for s, t in tbmod.site_tunnels(tb).items()), 15,
-               "every CHILD_SA rekeyed")
-    time.sleep(7)  # past charon's delete_rekeyed_delay: the old inbound SAs are gone
-    for site, st in streams.items():
-        sent, received = st.stop()
-        assert sent > 500 and received == sent, f"{site}: {sent - received} of {sent} pings lost across the rekey"
+    with contextlib.ExitStack() as stack:
+        streams = {s.name: stack.enter_context(probe(tb, s.name)) for s in tb.topology.sites}
+        time.sleep(1)
+        old_children = {s: t["spi_in"] for s, t in tbmod.site_tunnels(tb).items()}
+        for s in tb.topology.sites:
+            with tb.vici(f"s-{s.name}") as v:
+                child = next(iter(v.list_sas(s.name)))
+                v.rekey_child(child["child_id"])
+        wait_until(lambda: all(t["spi_in"] != old_children[s] for s, t in tbmod.site_tunnels(tb).items()), 15,
+                   "every CHILD_SA rekeyed")
+        time.sleep(7)  # past charon's delete_rekeyed_delay: the old inbound SAs are gone
+        results = {site: st.stop() for site, st in streams.items()}
+    for site, res in results.items():
+        assert res.sent > 500 and res.lost == 0, f"{site}: {res.describe()} across the rekey"
     after = records(tb)
     assert not set(before) & set(after), "old SA records must be gone"
     assert len(after) == 2 * len(tb.topology.sites)
