@@ -90,7 +90,7 @@ class ViciClient:
             raise PeerError(f"charon refused shared secret {secret_id}: {exc}") from None
 
     def list_sas(self, ike: str | None = None) -> Iterator[dict[str, Any]]:
-        """One flat record per IKE_SA: states, SPIs of its first CHILD_SA, counters."""
+        """One flat record per IKE_SA: states, SPIs of its newest installed CHILD_SA, counters."""
         filt = {"ike": ike} if ike else {}
         for entry in self.session.list_sas(filt):
             for ike_name, raw in entry.items():
@@ -104,7 +104,10 @@ class ViciClient:
                 }
                 children = sa.get("child-sas") or {}
                 installed = [c for c in children.values() if c.get("state") == "INSTALLED"]
-                child = installed[0] if installed else next(iter(children.values()), None)
+                # the newest installed CHILD_SA: right after a rekey the old one is still
+                # listed as installed until it is deleted
+                child = (max(installed, key=lambda c: int(c.get("uniqueid") or 0)) if installed
+                         else next(iter(children.values()), None))
                 if child:
                     rec.update({
                         "child_state": child.get("state"),

@@ -10,6 +10,8 @@ import click
 _BENCHES: dict[str, tuple[str, str]] = {
     "dataplane": ("protego.bench.dataplane:bench_dataplane",
                   "ESP per-core speed per suite; Protego vs strongSwan libipsec tunnel."),
+    "e2e": ("protego.bench.e2e:bench_e2e",
+            "End to end vs the baseline: throughput, added latency, setup of 100 tunnels, GMN RSS."),
     "lb": ("protego.lb.cli:bench_cmd", "GIN/GEN: steering update latency, GPN failure detection."),
 }
 

@@ -239,7 +239,7 @@ class Tunnel:
         return self.remote_id or self.remote_addrs
 
     def effective_life_time(self) -> int:
-        return self.life_time or int(self.rekey_time * 1.1)
+        return self.life_time or max(int(self.rekey_time * 1.1), self.rekey_time + 1)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -43,6 +43,7 @@ def summarize(kvs: list[KV], now: float | None = None, events: int = 15) -> dict
         gpns.append({
             "node": g, "registered": node is not None, "health": h.get("state", "unknown"),
             "health_since": h.get("since"), "cpu": (loads.get(g) or {}).get("cpu"),
+            "draining": (by.get(f"gpn/admin/{g}") or {}).get("state") == "draining",
             "tunnels": sum(1 for p in placements.values() if p.get("gpn") == g),
             "fabric_addr": (node or {}).get("fabric_addr"),
         })
@@ -92,11 +93,11 @@ def status(ctx: click.Context, as_json: bool, n_events: int) -> None:
     click.echo(f"GMN leader: {st['gmn_leader'] or 'NONE'}   "
                f"GMNs: {', '.join(g['node'] + ('*' if g['active'] else '') for g in st['gmns']) or '-'}")
     click.echo(f"\nGPNs ({len(st['gpns'])})")
-    click.echo(f"  {'NODE':<10} {'REGISTERED':<10} {'HEALTH':<8} {'CPU':>5} {'TUNNELS':>7}")
+    click.echo(f"  {'NODE':<10} {'REGISTERED':<10} {'HEALTH':<8} {'CPU':>5} {'TUNNELS':>7}  ADMIN")
     for g in st["gpns"]:
         cpu = f"{g['cpu'] * 100:.0f}%" if isinstance(g["cpu"], (int, float)) else "-"
         click.echo(f"  {g['node']:<10} {'yes' if g['registered'] else 'NO':<10} {g['health']:<8} {cpu:>5} "
-                   f"{g['tunnels']:>7}")
+                   f"{g['tunnels']:>7}  {'draining' if g.get('draining') else '-'}")
     click.echo(f"\nTunnels ({len(st['tunnels'])} of {st['tenants']} tenants)")
     click.echo(f"  {'TUNNEL':<26} {'STATE':<11} {'GPN':<6} {'SPI IN':<9} {'SPI OUT':<9} {'LIMIT':>7} "
                f"{'BYTES IN':>12} {'BYTES OUT':>12}")

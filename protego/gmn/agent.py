@@ -59,9 +59,19 @@ LEADER_KEY = f"{PREFIX}gmn/leader"
 MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
 EVENTS_PREFIX = f"{PREFIX}events/"
 MIGRATION_TIMEOUT = 30.0
+MIGRATION_RETRY_S = 2.0  # a migration rekey that put nothing on the target is asked again after this
+MIGRATION_ATTEMPTS = 5
 MAX_EVENTS = 500
 DEFER_SWITCH_S = 2.0  # longest wait for a peer's DELETE before using the new outbound SA
+RECOVERY_RETRY_S = 10.0  # a tunnel whose recovery rekey did not move it is asked again after this
 VIP_LABEL = "lo:pg"
+
+
+def newest_child(sas: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The tunnel's current CHILD_SA: the newest installed one. Just after a rekey the old
+    one is still listed as installed until it is deleted; rekeying it does nothing."""
+    installed = [sa for sa in sas if sa.get("child_state") == "INSTALLED" and sa.get("child_id")]
+    return max(installed, key=lambda sa: int(sa["child_id"]), default=None)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class _State:
     pending_gpn: dict[tuple[str, str], str] = field(default_factory=dict)  # newest inbound placement
     pinned: dict[tuple[str, str], str] = field(default_factory=dict)  # migration targets not yet mirrored
     rekeyed: dict[str, float] = field(default_factory=dict)  # outbound SA record key -> when we asked
+    rekey_asked: dict[tuple[str, str], float] = field(default_factory=dict)  # failed-GPN recoveries
+    no_gpn_logged: float = -1e9
     deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
 
 
@@ -165,6 +177,7 @@ class GmnAgent:
                 if self.state.leader:
                     self._switch_deferred()
                     self._handle_migrations()
+                    self._recover_failed_gpns()
                     self._rekey_burnt_outbound()
                 if full:
                     last_full = time.monotonic()
@@ -330,11 +343,15 @@ class GmnAgent:
         counts: dict[str, int] = {}
         for p in self.view.json_items(f"{PREFIX}placement/").values():
             counts[p.get("gpn", "")] = counts.get(p.get("gpn", ""), 0) + 1
+        for g in self.state.pending_gpn.values():  # placed a moment ago, not yet in etcd
+            counts[g] = counts.get(g, 0) + 1
         out = {}
         for key, _node in nodes.items():
             name = key.rsplit("/", 1)[1]
             h = health.get(f"{PREFIX}gpn/health/{name}", {})
-            out[name] = GpnView(name, True, h.get("state", "alive") != "dead", counts.get(name, 0))
+            admin = self.view.get_json(f"{PREFIX}gpn/admin/{name}") or {}
+            out[name] = GpnView(name, True, h.get("state", "alive") != "dead", counts.get(name, 0),
+                                draining=admin.get("state") == "draining")
         return out
 
     # ------------------------------------------------------------------ plugin callbacks
@@ -400,6 +417,8 @@ class GmnAgent:
             log.error("SA %08x (%s -> %s) belongs to no known tunnel; not placed", sa.spi, sa.src, sa.dst)
             return
         t, tun = owner.tenant.name, owner.tunnel.name
+        moving = False
+        steer_ops: list[Any] = []
         with self._sa_lock:
             placement = self.view.get_json(placement_key(t, tun)) or {}
             pinned = self.state.pinned.get((t, tun)) or placement.get("next_gpn")
@@ -441,10 +460,24 @@ class GmnAgent:
             else:
                 steer_key, steer = steer_out_key(t, tun), steer_out_record(owner, gpn, sa.spi, rec["local_ts"])
                 validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
-                ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                steer_ops = [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
                 self.state.deferred.pop((t, tun), None)
+                current = (self.view.get_json(steer_key) or {}).get("gpn")
+                if current and current != gpn:
+                    moving = True  # the GEN must not send to the new GPN before it has the SA
+                else:
+                    ops += steer_ops
             revision = self.etcd.txn([], ops).revision
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
+        if moving:
+            # The tunnel's outbound traffic moves to another GPN (a migration, a recovery):
+            # first the SA on the new GPN (whose egress table then routes the tunnel through
+            # it), then the GIN/GEN's steering. Written together, the GEN could switch first
+            # and the new GPN would drop the frames it has no route for yet.
+            self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=True)
+            with self._sa_lock:
+                revision = self.etcd.txn([], steer_ops).revision
+            log.info("tunnel %s/%s: outbound steered to %s (SA %08x)", t, tun, gpn, sa.spi)
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
         # side ever uses an SA the data path does not have yet (no loss on rekey)
@@ -588,14 +621,15 @@ class GmnAgent:
             return
         name = conn_name(tenant, tunnel)
         with ViciClient(self.cfg.vici_socket) as v:
-            child = next((sa for sa in v.list_sas(name) if sa.get("child_state") == "INSTALLED"), None)
+            child = newest_child(v.list_sas(name))
             if child is None:
                 self._finish_migration(key, tenant, tunnel, req, "failed", "the tunnel has no established CHILD_SA")
                 return
             place = self.view.get_json(placement_key(tenant, tunnel)) or {}
             source = place.get("gpn")
             if not self._update_request(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
-                                              "old_spi_in": child.get("spi_in"), "by": self.cfg.node}):
+                                              "old_spi_in": child.get("spi_in"), "by": self.cfg.node,
+                                              "attempts": 1, "attempted": time.time()}):
                 return  # withdrawn meanwhile
             with self._sa_lock:
                 self.state.pinned[(tenant, tunnel)] = target
@@ -618,6 +652,22 @@ class GmnAgent:
             self._event("migration-switched", tenant, tunnel, f"now on {target}")
         if switched and all(r["gpn"] == target for r in recs):
             self._finish_migration(key, tenant, tunnel, req, "done", f"moved to {target}")
+        elif (not any(r["gpn"] == target for r in recs)
+              and time.time() - float(req.get("attempted", req.get("started", 0))) > MIGRATION_RETRY_S
+              and int(req.get("attempts", 1)) < MIGRATION_ATTEMPTS):
+            # nothing landed on the target: charon dropped our rekey (it collided with the
+            # peer's own rekey of the same CHILD_SA, which then replaced it): ask again,
+            # for the CHILD_SA that is current now
+            with ViciClient(self.cfg.vici_socket) as v:
+                child = newest_child(v.list_sas(conn_name(tenant, tunnel)))
+                req = {**req, "attempts": int(req.get("attempts", 1)) + 1, "attempted": time.time()}
+                if child is None or not self._update_request(key, req):
+                    return
+                with self._sa_lock:
+                    self.state.pinned[(tenant, tunnel)] = target
+                v.rekey_child(child["child_id"])
+            log.info("tunnel %s/%s: migration to %s: nothing there yet; rekey asked again (attempt %d)",
+                     tenant, tunnel, target, req["attempts"])
         elif time.time() - float(req.get("started", 0)) > MIGRATION_TIMEOUT:
             self._finish_migration(key, tenant, tunnel, req, "failed",
                                    f"not on {target} after {MIGRATION_TIMEOUT:.0f} s")
@@ -645,6 +695,49 @@ class GmnAgent:
         (log.info if state == "done" else log.warning)("tunnel %s/%s: migration %s: %s", tenant, tunnel,
                                                        state, detail)
 
+    # ------------------------------------------------------------------ failed GPNs (paper §7.2)
+    def _recover_failed_gpns(self) -> None:
+        """Tunnels placed on a GPN that is no longer usable (the GIN declared it dead, or
+        its agent's registration lease expired) are rekeyed onto healthy GPNs: the IKE SAs
+        live here, so it takes one CREATE_CHILD_SA round trip each, all started at once.
+        ``_add_sa`` never places on an unusable GPN, so the new SAs land elsewhere and
+        the dead GPN's SAs are never used again (charon deletes them after the rekey)."""
+        gpns = self.gpn_views()
+        prefix = f"{PREFIX}placement/"
+        now = time.monotonic()
+        todo: dict[tuple[str, str], str] = {}
+        for key, place in self.view.json_items(prefix).items():
+            gpn = place.get("gpn")
+            if not gpn or (gpn in gpns and not gpns[gpn].failed):
+                continue
+            parts = key[len(prefix):].split("/")
+            if len(parts) != 2:
+                continue
+            tun = (parts[0], parts[1])
+            if now - self.state.rekey_asked.get(tun, -1e9) < RECOVERY_RETRY_S:
+                continue
+            todo[tun] = gpn
+        if not todo:
+            return
+        if not any(g.usable for g in gpns.values()):
+            if now - self.state.no_gpn_logged > 10:
+                self.state.no_gpn_logged = now
+                log.error("%d tunnel(s) sit on failed GPNs and no healthy GPN is left to take them", len(todo))
+            return
+        with ViciClient(self.cfg.vici_socket) as v:
+            for (tenant, tunnel), gpn in sorted(todo.items()):
+                self.state.rekey_asked[(tenant, tunnel)] = now
+                child = newest_child(v.list_sas(conn_name(tenant, tunnel)))
+                if child is None:
+                    continue
+                v.rekey_child(child["child_id"])
+                state = "dead" if gpn in gpns else "gone"
+                self._event("gpn-failure-rekey", tenant, tunnel, f"{gpn} {state}: rekeying onto a healthy GPN")
+                log.warning("tunnel %s/%s: GPN %s is %s; rekeying CHILD_SA %s onto a healthy GPN",
+                            tenant, tunnel, gpn, state, child["child_id"])
+        for tun in [t for t, when in self.state.rekey_asked.items() if now - when > 120]:
+            del self.state.rekey_asked[tun]
+
     # ------------------------------------------------------------------ restarted GPNs
     def _rekey_burnt_outbound(self) -> None:
         """A GPN that restarted lost its outbound sequence counters and never reinstalls
@@ -661,16 +754,19 @@ class GmnAgent:
                 continue
             if now - self.state.rekeyed.get(key, 0) < 10:  # asked already; give it time
                 continue
+            tun = (rec["tenant"], rec["tunnel"])
+            if time.monotonic() - self.state.rekey_asked.get(tun, -1e9) < 10:
+                continue  # already being rekeyed off a failed GPN
             self.state.rekeyed[key] = now
-            todo[(rec["tenant"], rec["tunnel"])] = rec["gpn"]
+            self.state.rekey_asked[tun] = time.monotonic()
+            todo[tun] = rec["gpn"]
         for key in [k for k, t in self.state.rekeyed.items() if now - t > 60]:
             del self.state.rekeyed[key]
         if not todo:
             return
         with ViciClient(self.cfg.vici_socket) as v:
             for (tenant, tunnel), gpn in sorted(todo.items()):
-                child = next((sa for sa in v.list_sas(conn_name(tenant, tunnel))
-                              if sa.get("child_state") == "INSTALLED"), None)
+                child = newest_child(v.list_sas(conn_name(tenant, tunnel)))
                 if child is None:
                     continue
                 v.rekey_child(child["child_id"])

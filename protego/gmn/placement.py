@@ -24,10 +24,17 @@ class GpnView:
     registered: bool  # its agent holds a lease in etcd
     healthy: bool  # the GIN has not declared it dead
     tunnels: int = 0
+    draining: bool = False  # an operator is moving its tunnels off (protego gpn drain)
+
+    @property
+    def failed(self) -> bool:
+        """Its tunnels must be recovered elsewhere (a draining GPN has not failed)."""
+        return not (self.registered and self.healthy)
 
     @property
     def usable(self) -> bool:
-        return self.registered and self.healthy
+        """New SAs may be placed here."""
+        return self.registered and self.healthy and not self.draining
 
 
 def choose_gpn(gpns: Mapping[str, GpnView], current: str | None = None, pinned: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""``protego gpn``: run the GPN agent (inside the GPN's network namespace)."""
+"""``protego gpn``: run the GPN agent (inside the GPN's network namespace); drain and undrain a GPN."""
 
 from __future__ import annotations
 
@@ -67,3 +67,53 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
     obj.close()
     if agent.failed:
         raise click.ClickException(f"GPN data path failed: {agent.failed}")
+
+
+@gpn.command()
+@click.argument("name")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Migrations in flight at once.")
+@click.option("--timeout", type=click.FloatRange(1, 600), default=45.0, show_default=True,
+              help="Seconds each migration may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report at the end.")
+@click.pass_context
+def drain(ctx: click.Context, name: str, parallel: int, timeout: float, as_json: bool) -> None:
+    """Migrate every tunnel off GPN NAME (no packet lost) and keep new ones away.
+
+    The GPN stays marked draining until `protego gpn undrain NAME`."""
+    import json
+
+    from protego.control.drain import drain as do_drain
+
+    obj = ctx.find_object(CliContext) or CliContext()
+    try:
+        report = do_drain(obj.etcd(), name, parallel=parallel, timeout=timeout,
+                          progress=None if as_json else (lambda m: click.echo(m, err=True)))
+    except ProtegoError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        obj.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        click.echo(f"{name}: {report.moved} tunnel(s) moved, {report.failed} failed, in {report.seconds:.1f} s; "
+                   f"it stays draining (protego gpn undrain {name})")
+    if report.failed:
+        raise click.ClickException(f"{report.failed} tunnel(s) could not be moved off {name}")
+
+
+@gpn.command()
+@click.argument("name")
+@click.pass_context
+def undrain(ctx: click.Context, name: str) -> None:
+    """Let GPN NAME take tunnels again after a drain."""
+    from protego.control.drain import set_draining
+
+    obj = ctx.find_object(CliContext) or CliContext()
+    try:
+        set_draining(obj.etcd(), name, False)
+    except ProtegoError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        obj.close()
+    click.echo(f"{name} takes tunnels again")

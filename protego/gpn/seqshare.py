@@ -193,6 +193,10 @@ class WorkerLeases:
         self._low.setdefault(key, start)
         return start
 
+    def holding(self) -> bool:
+        """Whether this worker has leased numbers since its last :meth:`release_all`."""
+        return bool(self._low)
+
     def release_all(self) -> None:
         """After a batch was sent: give every block back (unused numbers are skipped)."""
         if not self._low:

@@ -25,6 +25,7 @@ packet path: every drop is counted by reason.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -59,7 +60,9 @@ IP_PKTINFO = 8
 IP_RECVTOS = 13
 
 BATCH = 64  # datagrams drained per socket per round
-SEQ_WAIT = 0.002  # seconds a worker waits for a sequence block before dropping
+SEQ_HOLD = 0.2  # seconds a packet may wait for a sequence block before it is dropped
+SEQ_HOLD_PACKETS = 512  # packets one SA may have waiting for a sequence block
+SEQ_RETRY = 0.0005  # seconds between retries while packets wait for a sequence block
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 RECV_BUF = 65536
@@ -72,6 +75,7 @@ COUNTERS = (
     "no_tunnel", "no_outbound_sa", "no_host", "ts_mismatch", "seq_blocked", "seq_waits", "sa_exhausted",
     "bad_vxlan", "send_errors", "ike_ignored", "keepalives",
     "hb_probes", "hb_tag_answers", "gro_batches", "gso_sends", "internal_errors", "spi_late_installs",
+    "egress_late_updates", "seq_held",
 )
 
 
@@ -202,6 +206,8 @@ class Worker:
         self._raw_q: list[tuple[bytes, str]] = []
         self._vx_q: dict[str, list[bytes]] = {}
         self._vx_heads: dict[tuple[int, int], tuple[bytes, str]] = {}  # (vni, dst) -> (VXLAN+Ethernet, VTEP)
+        # outbound SPI -> frames waiting for a sequence block: (arrival time, frame)
+        self._seq_held: dict[int, collections.deque[tuple[float, Any]]] = {}
         self._running = True
         self._buf = bytearray(RECV_BUF)
         self._view = memoryview(self._buf)
@@ -431,56 +437,95 @@ class Worker:
         if self.hosts.learn(f.vni, f.src, f.src_mac, addr[0]):
             self._vx_heads.pop((f.vni, f.src), None)
         spi = self.egress.lookup(f.vni, f.src, f.dst)
-        if spi is None:
-            self.c["no_tunnel"] += 1
+        held = self._seq_held.get(spi) if spi is not None else None
+        if held is not None:  # keep the SA's packets in order behind those already waiting
+            self._hold(held, f, self._now)
             return
-        st = self.out.get(spi)
-        if st is None:
-            self.c["no_outbound_sa"] += 1
-            return
-        seq = None
-        if st.slot is not None:
-            assert self.leases is not None
-            seq = self.leases.take(st.slot, st.tag)
-            if seq is None:
-                seq = self._wait_for_block(st)
-                if seq is None:
-                    self.c["seq_blocked"] += 1
-                    return
-        try:
-            esp = st.esp.encapsulate(f.packet, seq=seq)
-        except (SequenceExhaustedError, SaExpiredError):
-            self.c["sa_exhausted"] += 1
-            return
-        except ValueError:
-            self.c["bad_vxlan"] += 1
-            return
-        st.last = self._now
-        if st.raw:
-            self._raw_q.append((build_ipv4_header(st.vip4, st.dst4, IPPROTO_ESP, len(esp)) + esp, st.addr[0]))
-        else:
-            key = (st.vip4, st.addr)
-            q = self._esp_q.get(key)
-            if q is None:
-                q = self._esp_q[key] = []
-            q.append(esp)
+        if not self._encap_frame(f) and spi is not None:
+            self._hold(self._seq_held.setdefault(spi, collections.deque()), f, self._now)
 
-    def _wait_for_block(self, st: _Out) -> int | None:
-        """The drift rule refused a block: our own queued packets or another worker's
-        round hold the window (they are released when the batch is sent, well under a
-        millisecond). Retry for a bounded time instead of dropping the packet at once."""
-        assert self.leases is not None and st.slot is not None
-        # send what we queued, then give our blocks back: we never wait while our
-        # own registration holds the others back
-        self._flush()
-        self.leases.release_all()
-        deadline = time.perf_counter() + SEQ_WAIT
-        while time.perf_counter() < deadline:
-            seq = self.leases.take(st.slot, st.tag)
-            if seq is not None:
+    def _encap_frame(self, f: Any) -> bool:
+        """Encrypt one tenant frame for its tunnel's outbound SA and queue it for sending
+        (or count why not). False when no sequence block can be had right now: another
+        worker's round holds the window (it gives its blocks back once its batch is
+        sent), and the caller holds the frame instead of dropping it."""
+        for attempt in (0, 1, 2):
+            spi = self.egress.lookup(f.vni, f.src, f.dst)
+            st = self.out.get(spi) if spi is not None else None
+            if st is None:
+                if attempt == 0 and self.conn is not None and self.conn.poll():
+                    # the tunnel (or its SA) may have arrived a moment ago: its control
+                    # request still waits in our pipe
+                    self._control()
+                    self.c["egress_late_updates"] += 1
+                    continue
+                self.c["no_tunnel" if spi is None else "no_outbound_sa"] += 1
+                return True
+            seq = None
+            if st.slot is not None:
+                assert self.leases is not None
+                seq = self.leases.take(st.slot, st.tag)
+                if seq is None:
+                    if attempt == 0 and self.conn is not None and self.conn.poll():
+                        # The SA may have been replaced a moment ago: the engine frees a removed
+                        # SA's sequence slot at once, and the egress update naming its successor
+                        # (always sent before the removal) still waits in our control pipe.
+                        self._control()
+                        self.c["egress_late_updates"] += 1
+                        continue
+                    if attempt < 2 and self._low_held():
+                        # our own unsent packets hold the window: send them, give the blocks back
+                        self._flush()
+                        self.leases.release_all()
+                        continue
+                    return False
+            try:
+                esp = st.esp.encapsulate(f.packet, seq=seq)
+            except (SequenceExhaustedError, SaExpiredError):
+                self.c["sa_exhausted"] += 1
+                return True
+            except ValueError:
+                self.c["bad_vxlan"] += 1
+                return True
+            st.last = self._now
+            if st.raw:
+                self._raw_q.append((build_ipv4_header(st.vip4, st.dst4, IPPROTO_ESP, len(esp)) + esp, st.addr[0]))
+            else:
+                key = (st.vip4, st.addr)
+                q = self._esp_q.get(key)
+                if q is None:
+                    q = self._esp_q[key] = []
+                q.append(esp)
+            return True
+        return True
+
+    def _low_held(self) -> bool:
+        return bool(self.leases is not None and self.leases.holding())
+
+    def _hold(self, q: collections.deque[tuple[float, Any]], f: Any, since: float) -> None:
+        if len(q) >= SEQ_HOLD_PACKETS:
+            self.c["seq_blocked"] += 1
+            return
+        q.append((since, f))
+        self.c["seq_held"] += 1
+
+    def _retry_held(self) -> None:
+        """Frames waiting for a sequence block, oldest first, per SA; a frame that waited
+        longer than SEQ_HOLD is dropped (counted as seq_blocked)."""
+        now = time.time()
+        for spi in list(self._seq_held):
+            q = self._seq_held.pop(spi)
+            while q:
+                since, f = q[0]
+                if now - since > SEQ_HOLD:
+                    q.popleft()
+                    self.c["seq_blocked"] += 1
+                    continue
+                if not self._encap_frame(f):
+                    self._seq_held[spi] = q  # still refused: the rest stays behind it
+                    break
+                q.popleft()
                 self.c["seq_waits"] += 1
-                return seq
-        return None
 
     # ------------------------------------------------------------------ send
     def _send_groups(self, sock: socket.socket, pkts: list[bytes], addr: tuple[str, int],
@@ -548,7 +593,7 @@ class Worker:
         self._now = time.time()
         while self._running:
             try:
-                events = ep.poll(1.0)
+                events = ep.poll(SEQ_RETRY if self._seq_held else 1.0)
             except InterruptedError:
                 continue
             self._now = time.time()
@@ -556,9 +601,16 @@ class Worker:
             for _round in range(16):
                 for fd, _ev in events:
                     fds[fd]()
-                self._flush()
-                if self.leases is not None:
-                    self.leases.release_all()
+                    # send and give the sequence blocks back after each socket's batch: a
+                    # registration never waits on another socket's work
+                    self._flush()
+                    if self.leases is not None:
+                        self.leases.release_all()
+                if self._seq_held:
+                    self._retry_held()
+                    self._flush()
+                    if self.leases is not None:
+                        self.leases.release_all()
                 if not self._running:
                     break
                 events = ep.poll(0)

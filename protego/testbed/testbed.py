@@ -319,9 +319,10 @@ def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
         kv = store.get(f"{TESTBED_ETCD_PREFIX}{tb.name}/sites/{s.name}/psk")
         if kv is None:
             raise TestbedError(f"PSK of site {s.name} missing from etcd")
+        extra = ["--rekey-time", f"{s.rekey_time}s"] if s.rekey_time else []
         protego_cli(tb, "tunnel", "add", f"{s.tenant}/{s.name}", "--remote-addrs", str(s.public),
                     "--remote-ts", str(s.network), "--ike-proposals", s.ike_proposal,
-                    "--esp-proposals", s.esp_proposal, "--psk-file", "-", stdin=kv.value)
+                    "--esp-proposals", s.esp_proposal, *extra, "--psk-file", "-", stdin=kv.value)
 
 
 def gmn_paths(tb: Testbed, node: str) -> tuple[Path, Path, Path]:

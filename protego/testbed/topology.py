@@ -49,6 +49,7 @@ class Site:
     hosts: tuple[IPv4Address, ...]
     ike_proposal: str = DEFAULT_IKE_PROPOSAL
     esp_proposal: str = DEFAULT_ESP_PROPOSAL
+    rekey_time: int = 0  # Protego's CHILD_SA rekey time for this site's tunnel (0: the CLI's default)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
         where = _entry("sites", i, rs)
         _check_fields(
             ctx, where, rs, {"name", "tenant", "public", "network", "hosts"},
-            {"gateway", "ike_proposal", "esp_proposal"},
+            {"gateway", "ike_proposal", "esp_proposal", "rekey_time"},
         )
         name = _name(ctx, f"{where}.name", rs["name"])
         if any(s.name == name for s in sites):
@@ -290,7 +291,12 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
         hosts = _hosts(ctx, f"{where}.hosts", rs["hosts"], network, gateway)
         ike = _proposal(ctx, f"{where}.ike_proposal", rs.get("ike_proposal", DEFAULT_IKE_PROPOSAL))
         esp = _proposal(ctx, f"{where}.esp_proposal", rs.get("esp_proposal", DEFAULT_ESP_PROPOSAL))
-        sites.append(Site(name, tenant.name, pub, network, gateway, hosts, ike, esp))
+        rekey_time = rs.get("rekey_time", 0)
+        if isinstance(rekey_time, bool) or not isinstance(rekey_time, int) or not 0 <= rekey_time <= 86400 * 7:
+            raise ctx.fail(f"{where}.rekey_time", f"{rekey_time!r} is not a number of seconds (0..604800)")
+        if 0 < rekey_time < 5:
+            raise ctx.fail(f"{where}.rekey_time", "at least 5 seconds (a CHILD_SA must live long enough to carry traffic)")
+        sites.append(Site(name, tenant.name, pub, network, gateway, hosts, ike, esp, rekey_time))
 
     # the fabric must have room for Protego's nodes, baseline gateways and tenant hosts
     if internet.num_addresses < len(tenants) + len(sites) + 8:

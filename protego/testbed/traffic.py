@@ -112,3 +112,51 @@ def iperf3(
                 server.wait()
         if server.stderr is not None:
             server.stderr.close()
+
+
+class Iperf3Stream:
+    """An iperf3 TCP test running in the background (load while something else happens).
+
+    ``bitrate`` caps it (bits/s; 0: as fast as it goes). :meth:`result` waits for the end
+    and returns the totals; the server is a one-off (``-1``) and always stopped."""
+
+    def __init__(self, server_ns: str, server_addr: str, client_ns: str, seconds: float,
+                 bitrate: float = 0, port: int = 5201, reverse: bool = False) -> None:
+        self.seconds = seconds
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cmd = ["ip", "netns", "exec", client_ns, "iperf3", "-c", server_addr, "-p", str(port), "-J",
+               "-t", str(seconds), "--connect-timeout", "3000"]
+        if bitrate:
+            cmd += ["-b", str(int(bitrate))]
+        if reverse:
+            cmd.append("-R")
+        time.sleep(0.3)  # the server listens
+        self.client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+
+    def result(self) -> IperfResult:
+        try:
+            out, err = self.client.communicate(timeout=self.seconds + 30)
+            try:
+                doc = json.loads(out)
+            except ValueError:
+                doc = {"error": err.strip() or "no output"}
+            if doc.get("error"):
+                raise TestbedError(f"iperf3: {doc['error']}")
+            end = doc["end"]
+            return IperfResult(end["sum_sent"]["bits_per_second"], end["sum_received"]["bits_per_second"],
+                               int(end["sum_sent"].get("retransmits", 0)))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for p in (self.client, self.server):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()

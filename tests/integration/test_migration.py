@@ -1,0 +1,191 @@
+"""Live tunnel migration by rekey and recovery from GPN failure, through the whole system
+(paper §4.5 and §7.2; DESIGN.md flows 2 and 3).
+
+One protego-mode testbed from the default topology (two GPNs). Migrations run while a
+sequence-numbered UDP stream (both directions: every datagram is echoed) and an iperf3
+TCP stream flow; nothing may be lost. Then a GPN's engine is killed with SIGKILL and its
+tunnels must come back on the other GPN without an IKE renegotiation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from protego.control.migrate import migrate
+from protego.testbed import procs
+from protego.testbed import testbed as tbmod
+from protego.testbed.probe import UdpProbe
+from protego.testbed.topology import load_topology
+from protego.testbed.traffic import Iperf3Stream, ping
+from tests.conftest import unique_name, wait_until
+
+pytestmark = pytest.mark.root
+
+PREFIX = "/protego/v1/"
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[tbmod.Testbed]:
+    name = unique_name("m")
+    bed = tbmod.up(load_topology(None), name=name, mode="protego")
+    try:
+        tbmod.wait_for_tunnels(bed, 60)
+        yield bed
+    finally:
+        tbmod.down(name)
+
+
+def placement(tb: tbmod.Testbed, tenant: str, tunnel: str) -> str:
+    with tb.etcd() as e:
+        return (e.get_json(f"{PREFIX}placement/{tenant}/{tunnel}") or {}).get("gpn", "")
+
+
+def records(tb: tbmod.Testbed) -> dict[str, dict[str, Any]]:
+    with tb.etcd() as e:
+        return {kv.key: kv.json() for kv in e.get_prefix(f"{PREFIX}sas/")[1]}
+
+
+def ike_spis(tb: tbmod.Testbed) -> dict[str, str]:
+    return {s: t["ike_spi_i"] for s, t in tbmod.site_tunnels(tb).items()}
+
+
+def gpn_counters(tb: tbmod.Testbed) -> dict[str, Any]:
+    time.sleep(2.5)  # one report period
+    with tb.etcd() as e:
+        return {kv.key.rsplit("/", 1)[-1]: {"drops": kv.json().get("drops"), "counters": kv.json().get("counters")}
+                for kv in e.get_prefix(f"{PREFIX}gpn/load/")[1]}
+
+
+def site_probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
+    s = next(x for x in tb.topology.sites if x.name == site)
+    dst = str(tb.topology.tenant(s.tenant).hosts[0])
+    return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
+
+
+def test_migration_back_and_forth_under_load_loses_nothing(tb: tbmod.Testbed) -> None:
+    site = tb.topology.sites[0]
+    tenant = tb.topology.tenant(site.tenant)
+    gpns = [f"gpn{i}" for i in range(1, tb.topology.gpns + 1)]
+    ikes = ike_spis(tb)
+    results = []
+    with contextlib.ExitStack() as stack:
+        probe = stack.enter_context(site_probe(tb, site.name))
+        load = Iperf3Stream(tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]), tb.ns(f"s-{site.name}-h1"),
+                            seconds=600, bitrate=50e6)
+        stack.callback(load.close)
+        time.sleep(1)
+        with tb.etcd() as e:
+            for _ in range(20):
+                here = placement(tb, tenant.name, site.name)
+                target = next(g for g in gpns if g != here)
+                res = migrate(e, tenant.name, site.name, target, timeout=40)
+                assert res.state == "done", res.detail
+                assert placement(tb, tenant.name, site.name) == target
+                results.append(res)
+        time.sleep(1)
+        lost = probe.stop()
+        assert load.client.poll() is None, "iperf3 stopped during the migrations"
+    assert lost.sent > 1000
+    assert lost.lost == 0, f"{lost.describe()} over 20 migrations; GPN counters: {gpn_counters(tb)}"
+    assert ike_spis(tb) == ikes, "no IKE SA may be renegotiated"
+    switch = sorted(r.switch_ms for r in results if r.switch_ms is not None)
+    assert len(switch) == 20
+    # every migration leaves exactly one inbound and one outbound SA, all on the target
+    recs = [r for r in records(tb).values() if r["tunnel"] == site.name]
+    assert sorted(r["direction"] for r in recs) == ["in", "out"]
+    assert {r["gpn"] for r in recs} == {results[-1].target}
+
+
+def test_migration_while_the_peer_rekeys_loses_nothing(tb: tbmod.Testbed) -> None:
+    site = tb.topology.sites[1]
+    tenant = tb.topology.tenant(site.tenant)
+    gpns = [f"gpn{i}" for i in range(1, tb.topology.gpns + 1)]
+    ikes = ike_spis(tb)
+    with contextlib.ExitStack() as stack:
+        probe = stack.enter_context(site_probe(tb, site.name, port=7879))
+        time.sleep(0.5)
+        with tb.etcd() as e:
+            for i in range(4):
+                here = placement(tb, tenant.name, site.name)
+                target = next(g for g in gpns if g != here)
+                from protego.control.migrate import request_migration, wait_migration
+
+                request_migration(e, tenant.name, site.name, target)
+                if i % 2:
+                    time.sleep(0.002)  # the GMN starts first, then the peer: a rekey collision
+                with tb.vici(f"s-{site.name}") as v:
+                    child = next(iter(v.list_sas(site.name)))
+                    v.rekey_child(child["child_id"])
+                res = wait_migration(e, tenant.name, site.name, timeout=40)
+                assert res.state == "done", res.detail
+                assert placement(tb, tenant.name, site.name) == target
+                # both CHILD_SAs of the collision settle: one in, one out, on the target
+                wait_until(lambda: sorted(r["direction"] for r in records(tb).values()
+                                          if r["tunnel"] == site.name) == ["in", "out"], 15,
+                           "the losing CHILD_SA of the collision to go")
+        time.sleep(1)
+        res_probe = probe.stop()
+    assert res_probe.lost == 0, f"{res_probe.describe()}; GPN counters: {gpn_counters(tb)}"
+    assert ike_spis(tb) == ikes
+
+
+def _engine_pids(tb: tbmod.Testbed, node: str) -> tuple[Any, list[int]]:
+    [rec] = [r for r in tb.state.procs if r.kind == "gpn-agent" and r.node == node and procs.is_alive(r)]
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(rec.pid)], capture_output=True, text=True).stdout
+    return rec, [int(p) for p in out.split()]
+
+
+def test_kill9_of_a_gpn_engine_moves_its_tunnels_without_renegotiation(tb: tbmod.Testbed) -> None:
+    with tb.etcd() as e:
+        places = {kv.key.split("/")[-1]: kv.json()["gpn"] for kv in e.get_prefix(f"{PREFIX}placement/")[1]}
+    victim = max(set(places.values()), key=lambda g: sum(1 for p in places.values() if p == g))
+    carried = sorted(t for t, g in places.items() if g == victim)
+    ikes = ike_spis(tb)
+    old = {k for k, r in records(tb).items() if r["gpn"] == victim}
+    rec, workers = _engine_pids(tb, victim)
+    t0 = time.monotonic()
+    for pid in [rec.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not procs.is_alive(rec), 5, "the GPN agent to die")
+    # the GIN declares it dead; the GMN rekeys each of its tunnels onto the other GPN
+    for s in tb.topology.sites:
+        if s.name not in carried:
+            continue
+        dst = str(tb.topology.tenant(s.tenant).hosts[0])
+        wait_until(lambda s=s, dst=dst: ping(tb.ns(f"s-{s.name}-h1"), dst, count=2, interval=0.05,
+                                             timeout=0.5).lost == 0, 30,
+                   f"traffic over {s.name} after {victim} died")
+    recovered_s = time.monotonic() - t0
+    for t in carried:
+        assert placement(tb, tb.topology.tenant(next(s.tenant for s in tb.topology.sites if s.name == t)).name,
+                         t) != victim
+    assert ike_spis(tb) == ikes, "no tunnel may be renegotiated at the IKE level"
+    with tb.etcd() as e:
+        health = e.get_json(f"{PREFIX}gpn/health/{victim}") or {}
+        events = [kv.json() for kv in e.get_prefix(f"{PREFIX}events/")[1]]
+    assert health.get("state") == "dead"
+    assert {ev["tunnel"] for ev in events if ev["kind"] == "gpn-failure-rekey"} >= set(carried)
+    # the dead GPN's SAs are never reused: their records go as charon deletes them
+    wait_until(lambda: not old & set(records(tb)), 20, "the dead GPN's SA records to go")
+    print(f"{len(carried)} tunnel(s) back on other GPNs {recovered_s:.2f} s after the kill")
+
+    # the GPN comes back: it takes no tunnel until the GIN has seen it healthy, then it can
+    new = procs.spawn(rec.node, rec.kind, tb.ns(rec.node), rec.cmd, tb.state.logs / f"{rec.node}.gpn-agent.log")
+    tb.state.procs.append(new)
+    tb.state.save()
+    with tb.etcd() as e:
+        wait_until(lambda: (e.get_json(f"{PREFIX}gpn/health/{victim}") or {}).get("state") == "alive", 30,
+                   f"{victim} to be declared alive again")
+        site = next(s for s in tb.topology.sites if s.name in carried)
+        res = migrate(e, site.tenant, site.name, victim, timeout=40)
+    assert res.state == "done", res.detail
+    dst = str(tb.topology.tenant(site.tenant).hosts[0])
+    assert ping(tb.ns(f"s-{site.name}-h1"), dst, count=5, interval=0.05).lost == 0
