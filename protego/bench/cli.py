@@ -12,7 +12,11 @@ _BENCHES: dict[str, tuple[str, str]] = {
                   "ESP per-core speed per suite; Protego vs strongSwan libipsec tunnel."),
     "e2e": ("protego.bench.e2e:bench_e2e",
             "End to end vs the baseline: throughput, added latency, setup of 100 tunnels, GMN RSS."),
+    "failover": ("protego.bench.migration:bench_failover",
+                 "GPN killed under load: detection time and traffic outage, over trials."),
     "lb": ("protego.lb.cli:bench_cmd", "GIN/GEN: steering update latency, GPN failure detection."),
+    "migration": ("protego.bench.migration:bench_migration",
+                  "Live migration by rekey under load: lost packets, switch time, throughput dip."),
 }
 
 

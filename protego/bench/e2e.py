@@ -17,9 +17,11 @@ gets ``--tunnels`` more connections ``bulk<i>`` (identity
 ``bulk<i>.<site>.example``, local traffic selector ``10.210.<i>.0/24`` with
 ``10.210.<i>.1`` on its ``lo``, remote selector the tenant's network, its own
 random PSK held in memory and handed over VICI). The clock starts, the tunnels
-are created on Protego's side through the real CLI (``protego tunnel add
-<tenant>/bulk<i> ... --psk-file -``, ``--parallel`` processes at a time, the
-PSK on standard input), the site initiates each as soon as its CLI call has
+are created on Protego's side through the real CLI: by default one ``protego
+tunnel load -`` with every tunnel as a JSON line on standard input (PSKs
+included), as an operator loads many at once; with ``--cli add`` one ``protego
+tunnel add <tenant>/bulk<i> ... --psk-file -`` each, ``--parallel`` processes at
+a time. The site initiates each as soon as the CLI call that created it has
 returned (re-initiating after a short back-off while the GMN has not loaded
 the connection yet) and pings the tenant's host from ``10.210.<i>.1``; the
 clock stops when every tunnel has answered. Where the time went comes from the
@@ -449,9 +451,12 @@ def _child_installed(v: Any, name: str) -> str | None:
     return None
 
 
-def bulk_setup(tb: Any, count: int, parallel: int, timeout: float, progress: Progress) -> dict[str, Any]:
+def bulk_setup(tb: Any, count: int, parallel: int, timeout: float, progress: Progress,
+               cli_mode: str = "load") -> dict[str, Any]:
     """Create ``count`` tunnels through the CLI, initiate them from the first site, and time
-    until every one has carried a ping (see the module's docstring)."""
+    until every one has carried a ping (see the module's docstring). ``cli_mode``:
+    ``load`` (one ``protego tunnel load -`` with every tunnel) or ``add`` (one
+    ``protego tunnel add`` per tunnel, ``parallel`` at a time)."""
     import vici
 
     site = tb.topology.sites[0]
@@ -550,8 +555,9 @@ def bulk_setup(tb: Any, count: int, parallel: int, timeout: float, progress: Pro
                     errors[n] = f"initiate: {exc}"
                     v.close()
 
-    progress(f"setup: clock starts; {count} x `protego tunnel add` ({parallel} at a time), "
-             "each initiated from the site when added")
+    progress(f"setup: clock starts; {count} tunnels through " + (
+        "one `protego tunnel load -`" if cli_mode == "load" else f"`protego tunnel add` ({parallel} at a time)")
+        + ", each initiated from the site when added")
     meter = CpuMeter(tb)
     meter.start()
     t0, w0 = time.monotonic(), time.time()
@@ -560,8 +566,22 @@ def bulk_setup(tb: Any, count: int, parallel: int, timeout: float, progress: Pro
                for k in range(parallel)]
     for w in workers:
         w.start()
-    with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(add, names))
+    if cli_mode == "load":
+        lines = b"".join(json.dumps({
+            "tenant": tenant.name, "name": n, "remote_addrs": str(site.public), "remote_id": rids[n],
+            "remote_ts": [str(prefixes[n])], "psk": psks[n].decode()}).encode() + b"\n" for n in names)
+        start = time.time()
+        dur, cpu, e = _cli(tb, ["tunnel", "load", "-"], lines)
+        end = time.time()
+        for n in names:
+            rec[n].update({"cli_start": start, "cli_end": end, "cli_s": dur, "cli_cpu_s": cpu / count})
+            if e:
+                errors[n] = f"tunnel load: {e}"
+            else:
+                ready.put(n)
+    else:
+        with ThreadPoolExecutor(parallel) as pool:
+            list(pool.map(add, names))
     t_cli = time.monotonic() - t0
     progress(f"setup: all CLI calls returned after {t_cli:.1f} s ({len(errors)} failed)")
     last_report = time.monotonic()
@@ -630,7 +650,7 @@ def bulk_setup(tb: Any, count: int, parallel: int, timeout: float, progress: Pro
     }
     return {
         "tunnels": count, "passed": len(passed), "setup_s": elapsed if done else None,
-        "elapsed_s": round(elapsed, 2), "parallel": parallel, "cli_single_s": round(cli_single, 3),
+        "elapsed_s": round(elapsed, 2), "parallel": parallel, "cli_mode": cli_mode, "cli_single_s": round(cli_single, 3),
         "cli_single_cpu_s": round(cli_single_cpu, 3), "cpu_s": cpu_acct,
         "passed_via_own_sa": via_sa,
         "initiate_attempts": sum(r["attempts"] for r in rec.values()),
@@ -668,7 +688,7 @@ def run_mode(mode: str, seconds: float, pings: int, progress: Progress,
 
 
 def run_e2e(seconds: float, pings: int, tunnels: int, parallel: int, setup_timeout: float,
-            progress: Progress) -> dict[str, Any]:
+            progress: Progress, cli_mode: str = "load") -> dict[str, Any]:
     from protego.testbed.state import list_testbeds
 
     t0 = time.monotonic()
@@ -677,7 +697,7 @@ def run_e2e(seconds: float, pings: int, tunnels: int, parallel: int, setup_timeo
     baseline, _ = run_mode("baseline", seconds, pings, progress)
 
     def after(tb: Any) -> dict[str, Any]:
-        setup = bulk_setup(tb, tunnels, parallel, setup_timeout, progress)
+        setup = bulk_setup(tb, tunnels, parallel, setup_timeout, progress, cli_mode=cli_mode)
         time.sleep(1.0)
         return {"setup": setup, "rss": gmn_rss(tb)}
 
@@ -698,11 +718,13 @@ def run_e2e(seconds: float, pings: int, tunnels: int, parallel: int, setup_timeo
 @click.option("--tunnels", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="Tunnels created for the setup time (the target is for 100).")
 @click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True,
-              help="Concurrent `protego tunnel add` processes (and site initiators).")
+              help="Site initiators at once (and concurrent `protego tunnel add` processes with --cli add).")
 @click.option("--setup-timeout", type=click.FloatRange(10, 3600), default=180.0, show_default=True,
               help="Give up waiting for the tunnels after this many seconds.")
+@click.option("--cli", "cli_mode", type=click.Choice(["load", "add"]), default="load", show_default=True,
+              help="Create the tunnels with one `protego tunnel load` or one `protego tunnel add` each.")
 def bench_e2e(as_json: bool, seconds: float, pings: int, tunnels: int, parallel: int,
-              setup_timeout: float) -> None:
+              setup_timeout: float, cli_mode: str) -> None:
     """End to end: throughput and RTT vs the baseline, setup of 100 tunnels, GMN memory."""
     from protego.errors import ProtegoError
 
@@ -713,7 +735,7 @@ def bench_e2e(as_json: bool, seconds: float, pings: int, tunnels: int, parallel:
         click.echo(f"[bench e2e] {msg}", err=True)
 
     try:
-        res = run_e2e(seconds, pings, tunnels, parallel, setup_timeout, progress)
+        res = run_e2e(seconds, pings, tunnels, parallel, setup_timeout, progress, cli_mode=cli_mode)
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import click
 
 from protego.context import CliContext
-from protego.control.model import Tenant, Tunnel, parse_duration
+from protego.control.model import Tenant, Tunnel, overlapping_selectors, parse_duration
 from protego.control.store import ControlStore
-from protego.errors import ProtegoError
+from protego.errors import ConfigError, ConflictError, ProtegoError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,6 +185,106 @@ def tunnel_add(ctx: click.Context, ref: str, remote_addrs: str, remote_ts: str, 
     t.validate(store.get_tenant(tenant_name))  # fail on bad input before asking for the PSK
     store.add_tunnel(t, _read_psk(psk_file))
     click.echo(f"tunnel {tenant_name}/{name} added")
+
+
+_LOAD_FIELDS = {"tenant", "name", "remote_addrs", "remote_ts", "local_ts", "local_id", "remote_id", "psk",
+                "ike_proposals", "esp_proposals", "ike_rekey_time", "rekey_time", "life_time", "dpd_delay",
+                "rate_mbps"}
+
+
+def _tunnel_from_doc(doc: Any, where: str) -> tuple[Tunnel, bytes]:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    unknown = sorted(set(doc) - _LOAD_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for req in ("tenant", "name", "remote_addrs", "remote_ts", "psk"):
+        if not doc.get(req):
+            raise ConfigError(f"{where}: {req} is required")
+
+    def sel(v: Any, field_: str) -> tuple[str, ...]:
+        if isinstance(v, str):
+            v = v.split(",")
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{where}: {field_} must be a list of prefixes or a comma-separated string")
+        return tuple(x.strip() for x in v if x.strip())
+
+    def dur(v: Any, field_: str, default: str) -> int:
+        if v is None:
+            v = default
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if v in ("0", "0s"):
+            return 0
+        return parse_duration(f"{where}: {field_}", str(v))
+
+    t = Tunnel(
+        tenant=str(doc["tenant"]), name=str(doc["name"]), remote_addrs=str(doc["remote_addrs"]),
+        remote_ts=sel(doc["remote_ts"], "remote_ts"), local_ts=sel(doc.get("local_ts", ""), "local_ts"),
+        local_id=str(doc.get("local_id", "")), remote_id=str(doc.get("remote_id", "")),
+        ike_proposals=str(doc.get("ike_proposals", "aes128gcm16-prfsha256-ecp256")),
+        esp_proposals=str(doc.get("esp_proposals", "aes128gcm16")),
+        ike_rekey_time=dur(doc.get("ike_rekey_time"), "ike_rekey_time", "4h"),
+        rekey_time=dur(doc.get("rekey_time"), "rekey_time", "1h"),
+        life_time=dur(doc.get("life_time"), "life_time", "0"),
+        dpd_delay=dur(doc.get("dpd_delay"), "dpd_delay", "10s"), rate_mbps=doc.get("rate_mbps", 0.0),
+    )
+    return t, str(doc["psk"]).encode()
+
+
+@tunnel.command("load")
+@click.argument("source", type=click.File("rb"), metavar="FILE")
+@click.pass_context
+@_errors
+def tunnel_load(ctx: click.Context, source: Any) -> None:
+    """Add many tunnels at once (what `swanctl --load-conns` is to charon).
+
+    FILE (or - for standard input) holds one JSON object per line, with the fields of
+    `tunnel add` in snake case plus "tenant", "name" and "psk", e.g.
+    {"tenant": "acme", "name": "branch7", "remote_addrs": "192.0.2.7",
+    "remote_ts": ["10.7.0.0/24"], "psk": "..."}. Every line is checked before any
+    tunnel is added; a bad line adds nothing. Keep such a file out of version control
+    (it holds PSKs): piping it from a secret store is best."""
+    store = _store(ctx)
+    items: list[tuple[Tunnel, bytes]] = []
+    seen: set[tuple[str, str]] = set()
+    tenants: dict[str, Any] = {}
+    for no, raw in enumerate(source, start=1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"line {no}: not JSON ({exc.msg})") from None  # never echo the line: it holds a PSK
+        t, psk = _tunnel_from_doc(doc, f"line {no}")
+        if (t.tenant, t.name) in seen:
+            raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name} appears twice")
+        seen.add((t.tenant, t.name))
+        if t.tenant not in tenants:
+            tenants[t.tenant] = (store.get_tenant(t.tenant), store.list_tunnels(t.tenant))
+        tenant, known = tenants[t.tenant]
+        t.validate(tenant)
+        if any(k.name == t.name for k in known):
+            raise ConflictError(f"line {no}: tunnel {t.tenant}/{t.name} already exists")
+        clash = overlapping_selectors(t, known)
+        if clash:
+            raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name}: remote_ts {clash[2]} overlaps {clash[1]} "
+                              f"of tunnel {clash[0]}")
+        known.append(t)
+        if len(psk) < 16:
+            raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name}: the PSK must be at least 16 bytes")
+        items.append((t, psk))
+    if not items:
+        raise ConfigError("no tunnel given")
+    added = 0
+    for t, psk in items:
+        try:
+            store.add_tunnel(t, psk)
+        except ProtegoError as exc:
+            raise click.ClickException(f"{added} of {len(items)} tunnels added; then {exc}") from None
+        added += 1
+    click.echo(f"{added} tunnel(s) added")
 
 
 @tunnel.command("list")

@@ -143,3 +143,38 @@ def test_cli_bad_input_one_clear_error(etcd, etcd_loopback, args, msg) -> None: 
     assert msg in r.stderr, r.stderr
     assert b"Traceback" not in r.stderr
     assert snapshot(etcd) == before
+
+
+def _line(name: str, ts: str, **kw: object) -> bytes:
+    doc = {"tenant": "acme", "name": name, "remote_addrs": "198.18.1.1", "remote_id": f"{name}.example",
+           "remote_ts": [ts], "psk": PSK.decode(), **kw}
+    return json.dumps(doc).encode() + b"\n"
+
+
+def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped-def]
+    ControlStore(etcd).add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
+    good = b"".join(_line(f"b{i}", f"10.210.{i}.0/24") for i in range(5))
+    before = snapshot(etcd)
+    # a bad line anywhere (overlap with an earlier line, bad proposal, bad JSON) adds nothing,
+    # and the error never shows the line (it holds a PSK)
+    for bad, msg in ((_line("b9", "10.210.1.0/25"), b"line 6: tunnel acme/b9: remote_ts 10.210.1.0/25 overlaps"),
+                     (_line("b9", "10.211.0.0/24", esp_proposals="3des-md5"), b"not supported"),
+                     (b'{"tenant": "acme", ' + PSK + b"\n", b"line 6: not JSON"),
+                     (_line("b0", "10.212.0.0/24"), b"appears twice"),
+                     (_line("b9", "10.212.0.0/24", colour="red"), b"unknown field(s) colour")):
+        r = cli(etcd_loopback, "tunnel", "load", "-", stdin=good + bad)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
+        assert PSK not in r.stderr and b"Traceback" not in r.stderr
+        assert snapshot(etcd) == before
+    r = cli(etcd_loopback, "tunnel", "load", "-", stdin=b"# five branches\n" + good)
+    assert r.returncode == 0, r.stderr
+    assert b"5 tunnel(s) added" in r.stdout
+    store = ControlStore(etcd)
+    assert sorted(t.name for t in store.list_tunnels("acme")) == [f"b{i}" for i in range(5)]
+    assert store.get_tunnel("acme", "b3").remote_id == "b3.example"
+    assert etcd.get(secret_key("acme", "b4")).value == PSK
+    # loading the same again: they exist already, nothing changes
+    before = snapshot(etcd)
+    r = cli(etcd_loopback, "tunnel", "load", "-", stdin=good)
+    assert r.returncode != 0 and b"already exists" in r.stderr
+    assert snapshot(etcd) == before

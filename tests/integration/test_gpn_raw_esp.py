@@ -74,6 +74,7 @@ SCRIPT = textwrap.dedent('''
             r = dec.decap_esp(outer.payload)
             ok += r.payload == inner2
         out["egress"] = ok
+        time.sleep(0.5)  # our own looped-back packets (see below) reach the workers too
         st = eng.stats()
         out["in_packets"] = {hex(k[1]): v[0] for k, v in st.sas.items() if k[0] == "in"}
         out["drops"] = {k: v for k, v in st.drops.items() if v}

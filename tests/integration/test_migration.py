@@ -137,6 +137,55 @@ def test_migration_while_the_peer_rekeys_loses_nothing(tb: tbmod.Testbed) -> Non
     assert ike_spis(tb) == ikes
 
 
+def test_drain_of_a_gpn_carrying_20_tunnels_moves_all_and_drops_nothing(tb: tbmod.Testbed) -> None:
+    from protego.bench.e2e import bulk_prefix, bulk_setup
+
+    site0 = tb.topology.sites[0]
+    tenant0 = tb.topology.tenant(site0.tenant)
+    # gather everything on gpn1: drain gpn2, add 20 tunnels (they can only go to gpn1)
+    tbmod.protego_cli(tb, "gpn", "drain", "gpn2", timeout=180)
+    try:
+        setup = bulk_setup(tb, 20, 4, 180, progress=lambda m: None)
+    finally:
+        tbmod.protego_cli(tb, "gpn", "undrain", "gpn2")
+    assert setup["passed"] == 20, setup.get("errors")
+    with tb.etcd() as e:
+        places = {kv.key.split("/")[-1]: kv.json()["gpn"] for kv in e.get_prefix(f"{PREFIX}placement/")[1]}
+    carried = sorted(t for t, g in places.items() if g == "gpn1")
+    assert len(carried) >= 20
+    with tb.vici(f"s-{site0.name}") as v:
+        ikes_before = {sa["ike"]: sa["ike_spi_i"] for sa in v.list_sas()}
+    import json as _json
+
+    try:
+        with contextlib.ExitStack() as stack:
+            probes = {s.name: stack.enter_context(site_probe(tb, s.name, port=7880 + i))
+                      for i, s in enumerate(tb.topology.sites)}
+            time.sleep(0.5)
+            out = tbmod.protego_cli(tb, "gpn", "drain", "gpn1", "--parallel", "8", "--json", timeout=300)
+            time.sleep(1)
+            results = {n: p.stop() for n, p in probes.items()}
+    finally:
+        tbmod.protego_cli(tb, "gpn", "undrain", "gpn1")
+    report = _json.loads(out)
+    assert report["failed"] == 0 and report["moved"] == len(carried), report["errors"]
+    with tb.etcd() as e:
+        places = {kv.key.split("/")[-1]: kv.json()["gpn"] for kv in e.get_prefix(f"{PREFIX}placement/")[1]}
+    assert not [t for t, g in places.items() if g == "gpn1"], "every tunnel left gpn1"
+    lost = {n: r.describe() for n, r in results.items() if r.lost}
+    assert not lost, f"lost during the drain: {lost}; GPN counters: {gpn_counters(tb)}"
+    # every bulk tunnel still carries traffic, over the same IKE SA
+    gw = tb.ns(f"s-{site0.name}")
+    for i in range(20):
+        src = str(bulk_prefix(i).network_address + 1)
+        r = subprocess.run(["ip", "netns", "exec", gw, "ping", "-n", "-q", "-c", "1", "-W", "2", "-I", src,
+                            str(tenant0.hosts[0])], capture_output=True)
+        assert r.returncode == 0, f"bulk{i} does not pass traffic after the drain"
+    with tb.vici(f"s-{site0.name}") as v:
+        ikes_after = {sa["ike"]: sa["ike_spi_i"] for sa in v.list_sas()}
+    assert ikes_after == ikes_before, "no tunnel may be renegotiated at the IKE level"
+
+
 def _engine_pids(tb: tbmod.Testbed, node: str) -> tuple[Any, list[int]]:
     [rec] = [r for r in tb.state.procs if r.kind == "gpn-agent" and r.node == node and procs.is_alive(r)]
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(rec.pid)], capture_output=True, text=True).stdout
