@@ -478,13 +478,20 @@ class GmnAgent:
             with self._sa_lock:
                 revision = self.etcd.txn([], steer_ops).revision
             log.info("tunnel %s/%s: outbound steered to %s (SA %08x)", t, tun, gpn, sa.spi)
+            # the GPN routes the tunnel through the SA already (its newest outbound SA):
+            # what is left to wait for is the GIN/GEN
+            self._wait_applied(gpn, revision, f"{t}/{tun} steering to {gpn}", lb_only=True)
+            return
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
         # side ever uses an SA the data path does not have yet (no loss on rekey)
         self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=deferred)
 
-    def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False) -> None:
-        """``sas_only``: only the GPN's installation counts (nothing is steered to the SA yet)."""
+    def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False,
+                      lb_only: bool = False) -> None:
+        """``sas_only``: only the GPN's installation counts (nothing is steered to the SA yet);
+        ``lb_only``: only the GIN/GEN (a change of steering alone: a GPN acknowledges the
+        lower of its SA and steering views' revisions, and its SA view never sees it)."""
         field_ = "sas_revision" if sas_only else "revision"
         deadline = time.monotonic() + self.cfg.apply_timeout
         t0 = time.monotonic()
@@ -493,6 +500,8 @@ class GmnAgent:
                 keys = self._ack_keys(gpn)
                 if sas_only:
                     keys = [k for k in keys if k.startswith(f"{PREFIX}gpn/applied/")]
+                elif lb_only:
+                    keys = [k for k in keys if k.startswith(f"{PREFIX}lb/applied/")]
                 pending = [k for k in keys if (self.view.get_json(k) or {}).get(field_, 0) < revision]
                 if not pending:
                     log.debug("%s: data path ready after %.1f ms", what, (time.monotonic() - t0) * 1000)
@@ -725,12 +734,20 @@ class GmnAgent:
                 log.error("%d tunnel(s) sit on failed GPNs and no healthy GPN is left to take them", len(todo))
             return
         with ViciClient(self.cfg.vici_socket) as v:
+            # one listing for all (charon's listing waits for IKE SAs busy in a rekey)
+            children: dict[str, list[dict[str, Any]]] = {}
+            for sa in v.list_sas():
+                children.setdefault(sa.get("ike", ""), []).append(sa)
             for (tenant, tunnel), gpn in sorted(todo.items()):
                 self.state.rekey_asked[(tenant, tunnel)] = now
-                child = newest_child(v.list_sas(conn_name(tenant, tunnel)))
+                child = newest_child(children.get(conn_name(tenant, tunnel), []))
                 if child is None:
                     continue
-                v.rekey_child(child["child_id"])
+                try:
+                    v.rekey_child(child["child_id"])
+                except PeerError as exc:
+                    log.warning("tunnel %s/%s: %s; asked again in %.0f s", tenant, tunnel, exc, RECOVERY_RETRY_S)
+                    continue
                 state = "dead" if gpn in gpns else "gone"
                 self._event("gpn-failure-rekey", tenant, tunnel, f"{gpn} {state}: rekeying onto a healthy GPN")
                 log.warning("tunnel %s/%s: GPN %s is %s; rekeying CHILD_SA %s onto a healthy GPN",

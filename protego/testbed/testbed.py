@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protego.errors import ProtegoError, TestbedError
+from protego.errors import PeerError, ProtegoError, TestbedError
 from protego.store.server import EtcdCluster
 from protego.testbed import netns, procs
 from protego.testbed.plan import MGMT_SUPERNET, Mode, Plan, build_plan, mgmt_subnet
@@ -270,7 +270,19 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
         if time.monotonic() > deadline:
             raise TestbedError(f"charon on {node} did not open its VICI socket within 15 s")
         time.sleep(0.05)
-    with tb.vici(node) as v:
+    # the socket file appears at bind(), a moment before charon listens on it
+    v = tb.vici(node)
+    while True:
+        try:
+            v.connect()
+            break
+        except PeerError:
+            if not procs.is_alive(rec):
+                raise TestbedError(f"charon on {node} exited during start-up (see {log_path})") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
         v.wait_ready(10)
         # secrets first, so an initiator that starts on load-conns finds its PSK
         for site in psk_sites:
@@ -279,6 +291,8 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
                 raise TestbedError(f"PSK of site {site} missing from etcd")
             owners = _psk_owners(tb, site)
             v.load_psk(f"psk-{site}", kv.value, owners)
+    finally:
+        v.close()
     res = subprocess.run(
         [SWANCTL, "--load-conns", "--file", str(files.swanctl_conf), "--uri", files.vici_uri],
         capture_output=True, text=True, timeout=30,
