@@ -19,6 +19,7 @@ Keys are kept in memory and etcd only; logs carry SPIs, tenants and tunnels.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -536,12 +537,29 @@ class GmnAgent:
                 return
             key, rec = found
             ops: list[Any] = [DeleteOp(key), DeleteOp(sastats_key(rec["vip"], spi))]
+            steer_first: list[Any] = []
+            moves_to: str | None = None
             if rec["direction"] == "in":
                 ops += [DeleteOp(steer_in_key(rec["vip"], spi)), DeleteOp(spi_reservation_key(rec["vip"], spi))]
             else:
-                ops += self._repoint_outbound(rec, exclude=key)
-            self.etcd.txn([], ops)
-            log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
+                repoint = self._repoint_outbound(rec, exclude=key)
+                moves_to = next((json.loads(op.value).get("gpn") for op in repoint if isinstance(op, PutOp)), None)
+                if moves_to and moves_to != rec.get("gpn"):
+                    steer_first = repoint  # the tunnel's outbound traffic moves to another GPN
+                else:
+                    ops += repoint
+            if not steer_first:
+                self.etcd.txn([], ops)
+        if steer_first:
+            # The GIN/GEN must send the tunnel's traffic to the other GPN before this one drops
+            # the SA and with it its route for the tunnel (written together, this GPN could
+            # remove the route while the GEN still sends here). charon waits meanwhile.
+            revision = self.etcd.txn([], steer_first).revision
+            self._wait_applied(str(moves_to), revision, f"{rec['tenant']}/{rec['tunnel']} steering to {moves_to}",
+                               lb_only=True)
+            with self._sa_lock:
+                self.etcd.txn([], ops)
+        log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
 
     def _outbound_records(self, tenant: str, tunnel: str, exclude_spi: int | None = None
                           ) -> list[tuple[str, dict[str, Any]]]:
