@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from protego.errors import PeerError
 from protego.gmn import plugin_protocol as pp
 
 log = logging.getLogger(__name__)
+
+#: plugin calls served at once (charon's default thread pool has 16 threads)
+POOL_WORKERS = 32
+_CONCURRENT = (pp.AddSa, pp.DelSa, pp.UpdateSa, pp.GetSpi, pp.QuerySa)
 
 SaKey = tuple[int, int, str]
 """(spi, protocol, destination address): how charon identifies an SA."""
@@ -122,7 +127,10 @@ class PluginServer:
         self._send_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._changed: Event | None = None
+        self._tls = threading.local()  # the event _process produced, per dispatching thread
+        # charon's threads each wait for their own call: calls on different IKE SAs are
+        # served concurrently (charon never has two calls outstanding for one IKE SA)
+        self._pool = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="gmn-plugin-call")
 
     # ----------------------------------------------------------- lifecycle
 
@@ -157,6 +165,7 @@ class PluginServer:
                 sock.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._listener = self._conn = None
         try:
             self.path.unlink()
@@ -253,13 +262,26 @@ class PluginServer:
                 self._send(pp.Reply(request_type=exc.msg_type, status=pp.Status.NOT_SUPPORTED),
                            exc.request_id)
             return
+        if isinstance(msg, _CONCURRENT) and not getattr(msg, "dump", False):
+            self._pool.submit(self._call, request_id, msg)
+        else:  # hello, the state dump, policies: in order, on the connection's thread
+            self._run(request_id, msg)
+
+    def _call(self, request_id: int, msg: pp.Message) -> None:
+        try:
+            self._run(request_id, msg)
+        except (OSError, PeerError) as exc:
+            log.warning("could not answer %s: %s", type(msg).__name__, exc)
+
+    def _run(self, request_id: int, msg: pp.Message) -> None:
+        self._tls.changed = None
         try:
             reply = self._process(msg)
         except Exception as exc:  # noqa: BLE001 - an injected callback failed: answer, keep serving
             log.error("handling %s failed: %s", type(msg).__name__, exc)
             reply = pp.Reply(request_type=msg.TYPE, status=pp.Status.FAILED,
                              error=f"agent error: {type(exc).__name__}")
-        event, self._changed = self._changed, None
+        event, self._tls.changed = getattr(self._tls, "changed", None), None
         if event is not None and self._on_change is not None:
             try:  # before the reply: charon's call returns only after the agent acted
                 self._on_change(event)
@@ -382,5 +404,5 @@ class PluginServer:
                 reply = pp.Reply(request_type=msg.TYPE)
             else:
                 return pp.Reply(request_type=msg.TYPE, status=pp.Status.NOT_SUPPORTED)
-        self._changed = event
+        self._tls.changed = event
         return reply
