@@ -370,7 +370,7 @@ def test_three_member_cluster_failover(tmp_path: Path) -> None:
         rec = Recorder()
         w = e.watch_prefix(prefix, e.revision() + 1, rec, rec.on_resync)
         lost = threading.Event()
-        lease = e.lease(3, on_lost=lambda _l: lost.set())
+        lease = e.lease(8, on_lost=lambda _l: lost.set())
         e.put(prefix + "hb", b"gmn-a", lease=lease)
         revs = [e.put(f"{prefix}k{i}", b"v") for i in range(5)]
         victim = e.endpoints.index(e.current_endpoint)
