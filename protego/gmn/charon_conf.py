@@ -23,9 +23,12 @@ charon {{
     load = {GMN_PLUGINS}
     install_routes = no
     install_virtual_ip = no
-    # many sites initiate at once: no cookies or half-open blocking
+    # many sites initiate at once (after an outage, a failover, or many tenants' sites
+    # behind one carrier NAT address): no cookies or half-open blocking, also per peer
+    # address (charon's defaults: cookies from 3, blocking from 5 half-open SAs per IP)
     block_threshold = 100000
     cookie_threshold = 100000
+    cookie_threshold_ip = 100000
     init_limit_half_open = 100000
     retransmit_tries = 3
     plugins {{
