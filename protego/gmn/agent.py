@@ -734,13 +734,15 @@ class GmnAgent:
         now = time.monotonic()
         todo: dict[tuple[str, str], str] = {}
         for key, place in self.view.json_items(prefix).items():
-            gpn = place.get("gpn")
-            if not gpn or (gpn in gpns and not gpns[gpn].failed):
-                continue
             parts = key[len(prefix):].split("/")
             if len(parts) != 2:
                 continue
             tun = (parts[0], parts[1])
+            gpn = place.get("gpn")
+            if not gpn or (gpn in gpns and not gpns[gpn].failed):
+                # on a healthy GPN (again): a later failure must be acted on at once
+                self.state.rekey_asked.pop(tun, None)
+                continue
             if now - self.state.rekey_asked.get(tun, -1e9) < RECOVERY_RETRY_S:
                 continue
             todo[tun] = gpn
