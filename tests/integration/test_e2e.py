@@ -13,62 +13,26 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.demo import site_traffic
-from protego.testbed.probe import UdpProbe
-from protego.testbed.topology import load_topology
 from protego.testbed.traffic import ping
-from tests.conftest import unique_name, wait_until
+from tests.conftest import wait_until
+from tests.integration.system_bed import PREFIX, default_testbed, gpn_counters, ike_spis, records, site_probe
 
 pytestmark = pytest.mark.root
 
-PREFIX = "/protego/v1/"
-
-
 @pytest.fixture(scope="module")
 def tb() -> Iterator[tbmod.Testbed]:
-    name = unique_name("e")
-    bed = tbmod.up(load_topology(None), name=name, mode="protego")
-    try:
-        tbmod.wait_for_tunnels(bed, 60)
-        yield bed
-    finally:
-        tbmod.down(name)
-
-
-def records(tb: tbmod.Testbed) -> dict[str, dict[str, Any]]:
-    with tb.etcd() as e:
-        return {kv.key: kv.json() for kv in e.get_prefix(f"{PREFIX}sas/")[1]}
+    yield from default_testbed("e")
 
 
 def steering(tb: tbmod.Testbed) -> set[str]:
     with tb.etcd() as e:
         return {kv.key[len(PREFIX):] for kv in e.get_prefix(f"{PREFIX}steer/")[1]}
-
-
-def ike_spis(tb: tbmod.Testbed) -> dict[str, str]:
-    return {s: t["ike_spi_i"] for s, t in tbmod.site_tunnels(tb).items()}
-
-
-def dataplane_drops(tb: tbmod.Testbed) -> dict[str, Any]:
-    """Each GPN's drop and event counters as last reported (for failure messages)."""
-    time.sleep(1.5)  # one report period
-    with tb.etcd() as e:
-        return {kv.key.rsplit("/", 1)[-1]: {"drops": kv.json().get("drops"), "counters": kv.json().get("counters")}
-                for kv in e.get_prefix(f"{PREFIX}gpn/load/")[1]}
-
-
-def probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
-    """A sequence-numbered UDP stream (one datagram every 10 ms, echoed back) from a site host
-    to its tenant host: exact losses, by direction, once stopped."""
-    s = next(x for x in tb.topology.sites if x.name == site)
-    dst = str(tb.topology.tenant(s.tenant).hosts[0])
-    return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
 
 
 def test_tunnels_spread_over_gpns(tb: tbmod.Testbed) -> None:
@@ -89,7 +53,7 @@ def test_ping_and_iperf3_both_ways_and_isolation(tb: tbmod.Testbed, site: str) -
 def test_rekey_every_child_sa_under_traffic_loses_nothing(tb: tbmod.Testbed) -> None:
     before = records(tb)
     with contextlib.ExitStack() as stack:
-        streams = {s.name: stack.enter_context(probe(tb, s.name)) for s in tb.topology.sites}
+        streams = {s.name: stack.enter_context(site_probe(tb, s.name)) for s in tb.topology.sites}
         time.sleep(1)
         old_children = {s: t["spi_in"] for s, t in tbmod.site_tunnels(tb).items()}
         for s in tb.topology.sites:
@@ -101,7 +65,7 @@ def test_rekey_every_child_sa_under_traffic_loses_nothing(tb: tbmod.Testbed) -> 
         time.sleep(7)  # past charon's delete_rekeyed_delay: the old inbound SAs are gone
         results = {site: st.stop() for site, st in streams.items()}
     lost = {site: res.describe() for site, res in results.items() if res.lost}
-    assert not lost, f"lost across the rekey: {lost}; GPN counters: {dataplane_drops(tb)}"
+    assert not lost, f"lost across the rekey: {lost}; GPN counters: {gpn_counters(tb)}"
     assert all(res.sent > 500 for res in results.values())
     after = records(tb)
     assert not set(before) & set(after), "old SA records must be gone"

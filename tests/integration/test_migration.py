@@ -22,52 +22,16 @@ import pytest
 from protego.control.migrate import migrate
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
-from protego.testbed.probe import UdpProbe
-from protego.testbed.topology import load_topology
 from protego.testbed.traffic import Iperf3Stream, ping
-from tests.conftest import unique_name, wait_until
+from tests.conftest import wait_until
+from tests.integration.system_bed import (PREFIX, default_testbed, gpn_counters, ike_spis, placement, records,
+                                          site_probe)
 
 pytestmark = pytest.mark.root
 
-PREFIX = "/protego/v1/"
-
-
 @pytest.fixture(scope="module")
 def tb() -> Iterator[tbmod.Testbed]:
-    name = unique_name("m")
-    bed = tbmod.up(load_topology(None), name=name, mode="protego")
-    try:
-        tbmod.wait_for_tunnels(bed, 60)
-        yield bed
-    finally:
-        tbmod.down(name)
-
-
-def placement(tb: tbmod.Testbed, tenant: str, tunnel: str) -> str:
-    with tb.etcd() as e:
-        return (e.get_json(f"{PREFIX}placement/{tenant}/{tunnel}") or {}).get("gpn", "")
-
-
-def records(tb: tbmod.Testbed) -> dict[str, dict[str, Any]]:
-    with tb.etcd() as e:
-        return {kv.key: kv.json() for kv in e.get_prefix(f"{PREFIX}sas/")[1]}
-
-
-def ike_spis(tb: tbmod.Testbed) -> dict[str, str]:
-    return {s: t["ike_spi_i"] for s, t in tbmod.site_tunnels(tb).items()}
-
-
-def gpn_counters(tb: tbmod.Testbed) -> dict[str, Any]:
-    time.sleep(2.5)  # one report period
-    with tb.etcd() as e:
-        return {kv.key.rsplit("/", 1)[-1]: {"drops": kv.json().get("drops"), "counters": kv.json().get("counters")}
-                for kv in e.get_prefix(f"{PREFIX}gpn/load/")[1]}
-
-
-def site_probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
-    s = next(x for x in tb.topology.sites if x.name == site)
-    dst = str(tb.topology.tenant(s.tenant).hosts[0])
-    return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
+    yield from default_testbed("m")
 
 
 def test_migration_back_and_forth_under_load_loses_nothing(tb: tbmod.Testbed) -> None:

@@ -1,0 +1,56 @@
+"""What the whole-system tests share: a protego-mode testbed of the default topology and
+ways to look at it (SA records, the sites' IKE SAs, the GPNs' counters, probe streams)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from protego.testbed import testbed as tbmod
+from protego.testbed.probe import UdpProbe
+from protego.testbed.topology import load_topology
+from tests.conftest import unique_name
+
+PREFIX = "/protego/v1/"
+
+
+def default_testbed(prefix: str) -> Iterator[tbmod.Testbed]:
+    """Body of a module fixture: the default topology in protego mode, tunnels up."""
+    name = unique_name(prefix)
+    bed = tbmod.up(load_topology(None), name=name, mode="protego")
+    try:
+        tbmod.wait_for_tunnels(bed, 60)
+        yield bed
+    finally:
+        tbmod.down(name)
+
+
+def records(tb: tbmod.Testbed) -> dict[str, dict[str, Any]]:
+    with tb.etcd() as e:
+        return {kv.key: kv.json() for kv in e.get_prefix(f"{PREFIX}sas/")[1]}
+
+
+def placement(tb: tbmod.Testbed, tenant: str, tunnel: str) -> str:
+    with tb.etcd() as e:
+        return (e.get_json(f"{PREFIX}placement/{tenant}/{tunnel}") or {}).get("gpn", "")
+
+
+def ike_spis(tb: tbmod.Testbed) -> dict[str, str]:
+    return {s: t["ike_spi_i"] for s, t in tbmod.site_tunnels(tb).items()}
+
+
+def gpn_counters(tb: tbmod.Testbed) -> dict[str, Any]:
+    """Each GPN's drop and event counters as next reported (for failure messages)."""
+    time.sleep(2.5)  # one report period
+    with tb.etcd() as e:
+        return {kv.key.rsplit("/", 1)[-1]: {"drops": kv.json().get("drops"), "counters": kv.json().get("counters")}
+                for kv in e.get_prefix(f"{PREFIX}gpn/load/")[1]}
+
+
+def site_probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
+    """A sequence-numbered UDP stream (one datagram every 10 ms, echoed back) from a site host
+    to its tenant host: exact losses, by direction, once stopped."""
+    s = next(x for x in tb.topology.sites if x.name == site)
+    dst = str(tb.topology.tenant(s.tenant).hosts[0])
+    return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
