@@ -279,12 +279,18 @@ def test_restarted_gpn_does_not_reuse_outbound_sas_then_two_workers(bed: GpnBed)
         up = bed.iperf(f"t-{tenant}-h1", TENANT_HOST, site_host(site), seconds=2, reverse=True)
         print(f"\n{site}, 2 workers: tenant->site {up:.3f} Gbit/s")
         assert up > 0.01
-    time.sleep(1.5)  # one more report
+    time.sleep(2.5)  # one more report
+    # every GPN that carries a tunnel now encrypted for it (the GMN may have moved all of
+    # them onto one GPN while the other restarted)
+    carrying = {r["gpn"] for t in {t for t, _s in SITES.values()} for r in bed.records(t).values()
+                if r["direction"] == "out"}
+    assert carrying
     for g in ("gpn1", "gpn2"):
         load = bed.load(g)
         counters = load.get("counters") or {}
         print(f"{g}: per-core CPU {load.get('per_core')}, counters {counters}, drops {load.get('drops')}")
-        assert counters.get("esp_out", 0) > 0
+        if g in carrying:
+            assert counters.get("esp_out", 0) > 0, g
 
 
 def test_agent_stop_removes_vips(bed: GpnBed) -> None:
