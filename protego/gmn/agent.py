@@ -33,6 +33,7 @@ from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
 from protego.lb.model import validate_steer_in, validate_steer_out
 from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
+from protego.gmn.ha_service import HaService
 from protego.gmn.plugin_server import Counters, Event, PluginServer
 from protego.gmn.records import (
     Owner,
@@ -48,7 +49,7 @@ from protego.gmn.records import (
     steer_out_record,
     steer_in_record,
 )
-from protego.store.etcd import DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, mod_revision_is
+from protego.store.etcd import DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, lease_is, mod_revision_is
 from protego.store.view import PrefixView
 from vici import exception as vici_exception
 
@@ -86,6 +87,9 @@ class GmnConfig:
     resync_interval: float = 30.0
     manage_vips: bool = True
     apply_timeout: float = 2.0  # longest add_sa waits for the data path's acknowledgement
+    ha: bool = True  # mirror charon's IKE SAs through etcd (charon must load the ha plugin)
+    ha_local: str = "127.0.0.2"  # charon's ha.remote: where this agent receives the stream
+    ha_charon: str = "127.0.0.1"  # charon's ha.local
 
 
 @dataclass
@@ -116,8 +120,16 @@ class GmnAgent:
         self._req_rev: dict[str, int] = {}  # migration request key -> the mod_revision we last saw
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
-            on_change=self._on_plugin_event,
+            on_change=self._on_plugin_event, on_disconnect=self._on_charon_gone,
         )
+        self.ha: HaService | None = None
+        if cfg.ha:
+            self.ha = HaService(cfg.node, etcd, cfg.vici_socket, LEADER_KEY,
+                                lease_id=lambda: self._lease.id if self._lease else 0,
+                                charon_pid=self._charon_pid, feed_allowed=self._conns_ready,
+                                wake=self._kick, local=cfg.ha_local, charon=cfg.ha_charon)
+        self._conns_ok = False
+        self._lease_watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "GmnAgent":
@@ -127,12 +139,16 @@ class GmnAgent:
         self._watch = self.etcd.snapshot_and_watch(PREFIX, self.view, resync_interval=self.cfg.resync_interval,
                                                    name="gmn-view")
         self.view.synced.wait(10)
+        if self.ha is not None:
+            self.ha.start()
         self.server.start()
         self._thread = threading.Thread(target=self._loop, name="gmn-reconcile", daemon=True)
         self._thread.start()
         self._events_thread = threading.Thread(target=self._follow_vici_events, name="gmn-vici-events",
                                                daemon=True)
         self._events_thread.start()
+        self._lease_watchdog = threading.Thread(target=self._watch_lease, name="gmn-lease-watchdog", daemon=True)
+        self._lease_watchdog.start()
         log.info("gmn agent %s started (plugin socket %s)", self.cfg.node, self.cfg.plugin_socket)
         return self
 
@@ -143,6 +159,10 @@ class GmnAgent:
             self._thread.join(10)
         if getattr(self, "_events_thread", None):
             self._events_thread.join(5)
+        if self.ha is not None:
+            if self.state.leader:
+                self.ha.deactivate("agent stopping")
+            self.ha.stop()
         self.server.stop()
         if self._watch is not None:
             self._watch.cancel()
@@ -229,25 +249,106 @@ class GmnAgent:
         self._kick()
 
     # ------------------------------------------------------------------ leadership
+    def _charon_pid(self) -> int | None:
+        hello = self.server.hello
+        return int(hello.pid) if self.server.connected and hello is not None and hello.pid else None
+
+    def _conns_ready(self) -> bool:
+        """charon holds every tenant's connection (the HA stream names them)."""
+        return self._conns_ok and self.server.connected
+
+    def _candidate(self) -> bool:
+        """Only a GMN whose charon runs, holds the connections and every mirrored IKE SA
+        may become active."""
+        if not self._conns_ready():
+            return False
+        return self.ha is None or self.ha.fed_ok or self.ha.active
+
+    def _on_charon_gone(self) -> None:
+        """The plugin connection closed: charon died or restarts. An active GMN hands
+        leadership over at once instead of letting its lease run out."""
+        self._conns_ok = False
+        if self.state.leader:
+            log.error("gmn %s: charon is gone: resigning the leadership", self.cfg.node)
+            self._resign("charon is gone")
+        self._kick()
+
+    def _resign(self, reason: str) -> None:
+        if self._lease is not None:
+            try:
+                self.etcd.txn([lease_is(LEADER_KEY, self._lease.id)], [DeleteOp(LEADER_KEY)])
+            except ProtegoError as exc:
+                log.warning("gmn %s: could not resign (%s); the lease will expire", self.cfg.node, exc)
+        self._demote(reason)
+
+    def _demote(self, reason: str) -> None:
+        was = self.state.leader
+        self.state.leader = False
+        if self.ha is not None:
+            self.ha.deactivate(reason)
+        if was:
+            log.warning("gmn %s is now standby (%s)", self.cfg.node, reason)
+
+    def _watch_lease(self) -> None:
+        """Fencing: an active GMN that has not renewed its lease for half its TTL (cut off
+        from etcd) makes its IKE SAs passive before etcd can expire the lease and elect
+        the other GMN; so two charons never answer for the same IKE SA."""
+        while not self._stop.wait(0.05):
+            lease = self._lease
+            if lease is None or not self.state.leader:
+                continue
+            if lease.lost or lease.since_renewal > lease.ttl / 2:
+                log.error("gmn %s: lease not renewed for %.1f s: stepping down", self.cfg.node,
+                          lease.since_renewal)
+                self._demote("lease not renewed")
+                self._kick()
+
+    def _renew_lease(self) -> None:
+        """A lost lease (etcd unreachable for a TTL) is replaced, and membership re-written."""
+        assert self._lease is not None
+        if not self._lease.lost:
+            return
+        if self.state.leader:
+            self._demote("lease lost")
+        self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._kick())
+        self.etcd.put_json(f"{PREFIX}gmn/members/{self.cfg.node}",
+                           {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr}, lease=self._lease)
+        log.info("gmn %s: new etcd lease %x", self.cfg.node, self._lease.id)
+
     def _elect(self) -> None:
         assert self._lease is not None
+        self._renew_lease()
         kv = self.view.get(LEADER_KEY)
         cur = kv.json() if kv is not None else None
         if kv is not None and cur.get("node") == self.cfg.node and kv.lease != self._lease.id:
             # we restarted while our old lease still holds the key: adopt it under our
             # new lease at once, so its expiry does not hand leadership away
-            adopted = self.etcd.txn(
+            adopted = self._candidate() and self.etcd.txn(
                 [mod_revision_is(LEADER_KEY, kv.mod_revision)],
                 [PutOp(LEADER_KEY, encode_json({**cur, "since": cur.get("since", time.time())}),
                        lease=self._lease.id)],
             ).succeeded
             log.info("gmn %s %s its leadership under a new lease", self.cfg.node,
                      "kept" if adopted else "could not keep")
+            if not adopted:
+                return
+            kv = self.etcd.get(LEADER_KEY)
+            cur = kv.json() if kv is not None else None
         if cur is not None:
-            was = self.state.leader
-            self.state.leader = cur.get("node") == self.cfg.node
-            if was != self.state.leader:
-                log.info("gmn %s is now %s", self.cfg.node, "active" if self.state.leader else "standby")
+            ours = cur.get("node") == self.cfg.node
+            if ours and not self._candidate():
+                self._resign("charon not ready")
+                return
+            if ours and self._lease.since_renewal > self._lease.ttl / 2:
+                return  # fenced by the watchdog until the lease is renewed
+            if ours and not self.state.leader:
+                self.state.leader = True
+                log.info("gmn %s is now active", self.cfg.node)
+                self._activate()
+            elif not ours and self.state.leader:
+                self._demote(f"{cur.get('node')} is the leader")
+            return
+        if not self._candidate():
             return
         won = self.etcd.txn(
             [key_absent(LEADER_KEY)],
@@ -256,7 +357,20 @@ class GmnAgent:
         ).succeeded
         if won:
             log.info("gmn %s won the election: active", self.cfg.node)
-        self.state.leader = won
+            self.state.leader = True
+            self._activate()
+
+    def _activate(self) -> None:
+        if self.ha is None or self.ha.active:
+            return
+        try:
+            info = self.ha.activate()
+        except (OSError, ProtegoError) as exc:
+            log.error("gmn %s: taking over the IKE SAs failed (%s): resigning", self.cfg.node, exc)
+            self._resign("activation failed")
+            return
+        self._event("gmn-takeover", detail=f"{info['ike_sas']} IKE SAs, {info['child_sas']} CHILD_SAs "
+                                           f"active after {info['ms']} ms")
 
     # ------------------------------------------------------------------ desired state
     def tenants(self) -> list[Tenant]:
@@ -295,8 +409,11 @@ class GmnAgent:
     # ------------------------------------------------------------------ charon connections
     def _reconcile_conns(self, force_check: bool = False) -> None:
         secrets_ = self._secrets()
-        desired = desired_connections(self.tenants(), self.tunnels(), set(secrets_)) if self.state.leader else {}
+        # both GMNs hold every connection: the standby's charon needs them to install the
+        # IKE SAs mirrored from the active one (the HA stream names their configs)
+        desired = desired_connections(self.tenants(), self.tunnels(), set(secrets_))
         if not force_check and {n: fingerprint(*d) for n, d in desired.items()} == self.state.loaded:
+            self._conns_ok = self.server.connected
             return
         with ViciClient(self.cfg.vici_socket) as v:
             loaded = {n for n in v.get_conns() if split_conn_name(n)}
@@ -323,6 +440,9 @@ class GmnAgent:
             for name in list(self.state.loaded):
                 if name not in desired:
                     self.state.loaded.pop(name)
+        was_ok, self._conns_ok = self._conns_ok, self.server.connected
+        if self._conns_ok and not was_ok and self.ha is not None:
+            self.ha._kick_feeder()
         if self.state.leader:
             self._forget_removed_tunnels()
 
@@ -385,6 +505,10 @@ class GmnAgent:
         return Counters(bytes=int(stats.get("bytes", 0)), packets=int(stats.get("packets", 0)), idle=idle)
 
     def _on_plugin_event(self, ev: Event) -> None:
+        if ev.kind in ("add_sa", "del_sa", "update_sa") and not self.state.leader:
+            # the standby's charon installs (and removes) the CHILD_SAs mirrored from the
+            # active GMN: their records and steering are the active GMN's to write
+            return
         try:
             if ev.kind == "add_sa":
                 assert isinstance(ev.message, pp.AddSa)
@@ -400,6 +524,9 @@ class GmnAgent:
                     # the plugin (re)connected: charon may have restarted, so whatever
                     # we loaded before may be gone; reload (existing SAs are unaffected)
                     self.state.loaded.clear()
+                    self._conns_ok = False
+                    if self.ha is not None:
+                        self.ha.charon_restarted()
                     self._kick()
                 self._reconcile_records()
         except ProtegoError as exc:
@@ -418,6 +545,11 @@ class GmnAgent:
             log.error("SA %08x (%s -> %s) belongs to no known tunnel; not placed", sa.spi, sa.src, sa.dst)
             return
         t, tun = owner.tenant.name, owner.tunnel.name
+        if self._find_record(sa.spi, str(sa.dst.address) if sa.dst else None) is not None:
+            # an SA this GMN's charon took over from the other GMN (HA): its record and
+            # steering are in place already; placing it again could move it
+            log.debug("tunnel %s/%s: SA %08x already recorded: adopted", t, tun, sa.spi)
+            return
         moving = False
         steer_ops: list[Any] = []
         with self._sa_lock:

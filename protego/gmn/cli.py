@@ -24,13 +24,19 @@ def gmn() -> None:
 @click.option("--vici", "vici_socket", required=True, help="Path of charon's VICI socket.")
 @click.option("--plugin-socket", required=True, help="Path of the kernel-protego plugin socket to serve.")
 @click.option("--fabric-addr", default="", help="This GMN's fabric address (where the GIN steers IKE).")
-@click.option("--lease-ttl", type=click.IntRange(2, 60), default=5, show_default=True)
+@click.option("--lease-ttl", type=click.IntRange(2, 60), default=5, show_default=True,
+              help="Seconds of the etcd lease behind the leadership: a GMN cut off from etcd is replaced "
+                   "after this (it makes its own IKE SAs passive after half of it).")
 @click.option("--resync", "resync_interval", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
               help="Seconds between full resyncs.")
 @click.option("--no-vips", is_flag=True, help="Do not manage tenant VIPs on lo.")
+@click.option("--no-ha", is_flag=True, help="charon runs without the ha plugin: no IKE SA mirror, no takeover.")
+@click.option("--ha-listen", default="127.0.0.2", show_default=True,
+              help="Address of charon's plugins.ha.remote (this agent receives the HA stream there, port 4510).")
+@click.option("--ha-charon", default="127.0.0.1", show_default=True, help="Address of charon's plugins.ha.local.")
 @click.pass_context
 def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str,
-        lease_ttl: int, resync_interval: float, no_vips: bool) -> None:
+        lease_ttl: int, resync_interval: float, no_vips: bool, no_ha: bool, ha_listen: str, ha_charon: str) -> None:
     """Run the GMN agent until SIGTERM/SIGINT."""
     from protego.gmn.agent import GmnAgent, GmnConfig
 
@@ -40,7 +46,8 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
     try:
         cfg = GmnConfig(node=node, etcd=obj.etcd_endpoints(), vici_socket=vici_socket,
                         plugin_socket=plugin_socket, fabric_addr=fabric_addr, lease_ttl=lease_ttl,
-                        resync_interval=resync_interval, manage_vips=not no_vips)
+                        resync_interval=resync_interval, manage_vips=not no_vips, ha=not no_ha,
+                        ha_local=ha_listen, ha_charon=ha_charon)
         agent = GmnAgent(cfg, obj.etcd()).start()
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None

@@ -106,12 +106,14 @@ class PluginServer:
         spi_allocator: SpiAllocator = random_spi_allocator,
         counters: CountersSource | None = None,
         on_change: Callable[[Event], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         software: str = "protego-gmn",
     ) -> None:
         self.path = Path(path)
         self._allocate = spi_allocator
         self._counters = counters
         self._on_change = on_change
+        self._on_disconnect = on_disconnect
         self._software = software
         self._lock = threading.Condition()
         self.sas: dict[SaKey, SaRecord] = {}
@@ -240,6 +242,11 @@ class PluginServer:
                 with self._lock:
                     self._dump = None
                     self._lock.notify_all()
+                if self._on_disconnect is not None and not self._stopping and self._conn is None:
+                    try:  # charon went away (or restarts): the agent may have to step down
+                        self._on_disconnect()
+                    except Exception as exc:  # noqa: BLE001 - an agent bug must not kill the server
+                        log.error("on_disconnect callback failed: %s", exc)
 
     def _handle(self, conn: socket.socket) -> None:
         reader = pp.FrameReader()

@@ -1181,6 +1181,12 @@ class Lease:
     def active(self) -> bool:
         return not self._ended and not self.lost
 
+    @property
+    def since_renewal(self) -> float:
+        """Seconds since the last keep-alive etcd answered was sent (an upper bound on
+        how long ago etcd last renewed the lease)."""
+        return time.monotonic() - self._last_ok
+
     def start(self) -> None:
         if self._thread is not None:
             return

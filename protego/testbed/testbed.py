@@ -41,6 +41,7 @@ CHARON = "/usr/lib/ipsec/charon"
 KERNEL_PROTEGO_SO = "/usr/lib/ipsec/plugins/libstrongswan-kernel-protego.so"
 SWANCTL = "/usr/sbin/swanctl"
 TESTBED_ETCD_PREFIX = "/protego-testbed/"
+GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shortest etcd grants)
 
 Progress = Callable[[str], None]
 
@@ -398,8 +399,25 @@ def _start_gmn(tb: Testbed, node: str) -> None:
     conf.write_text(gmn_strongswan_conf(vici_sock, plugin_sock, st.logs / f"{node}.charon.log"))
     agent = _start_agent(tb, node, "gmn-agent", ["gmn", "run", "--node", node, "--vici", str(vici_sock),
                                                   "--plugin-socket", str(plugin_sock),
-                                                  "--fabric-addr", fabric_addr(tb, node)])
+                                                  "--fabric-addr", fabric_addr(tb, node),
+                                                  # etcd's shortest lease (its default election timeout)
+                                                  "--lease-ttl", str(GMN_LEASE_TTL)])
     _wait_path(plugin_sock, agent, f"the gmn agent on {node}")
+    start_gmn_charon(tb, node)
+
+
+def start_gmn_charon(tb: Testbed, node: str) -> procs.ProcRecord:
+    """(Re)start a GMN's charon (e.g. after a failover test killed it); its agent feeds
+    it the mirrored IKE SAs and it joins as the standby."""
+    st = tb.state
+    conf, vici_sock, _plugin_sock = gmn_paths(tb, node)
+    old = [r for r in st.procs if r.node == node and r.kind == "charon"]
+    for r in old:
+        if procs.is_alive(r):
+            raise TestbedError(f"charon on {node} is still running (pid {r.pid})")
+        st.procs.remove(r)
+    if vici_sock.exists():
+        vici_sock.unlink()
     charon = procs.spawn(
         node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",
         private_run=True, env={"STRONGSWAN_CONF": str(conf)},
@@ -407,6 +425,7 @@ def _start_gmn(tb: Testbed, node: str) -> None:
     st.procs.append(charon)
     st.save()
     _wait_path(vici_sock, charon, f"charon on {node}")
+    return charon
 
 
 def _wait_path(path: Path, rec: Any, what: str, timeout: float = 20.0) -> None:

@@ -239,7 +239,7 @@ def test_templates_render_without_leftovers() -> None:
 
 @pytest.mark.parametrize("host", GROUPS["gmn"])
 def test_gmn_strongswan_conf_is_the_testbeds(host: str) -> None:
-    from protego.gmn.charon_conf import GMN_PLUGINS, gmn_strongswan_conf
+    from protego.gmn.charon_conf import GMN_PLUGINS, HA_PLUGIN, gmn_strongswan_conf
 
     v = host_vars(host, ROLE_CHAIN["protego_gmn"])
     text = render("protego_gmn", "strongswan.conf.j2", host)
@@ -249,7 +249,7 @@ def test_gmn_strongswan_conf_is_the_testbeds(host: str) -> None:
     load = re.search(r"^\s*load = (.*)$", text, re.M)
     assert load is not None
     assert load.group(1).split()[0] == "kernel-protego"
-    assert load.group(1) == GMN_PLUGINS
+    assert load.group(1) == f"{GMN_PLUGINS} {HA_PLUGIN}"
 
 
 def test_gmn_strongswan_conf_follows_the_paths() -> None:

@@ -1,0 +1,323 @@
+"""The GMN agent's HA duties (see :mod:`protego.gmn.ha` for the design).
+
+* relay (active): charon's HA datagrams → :class:`HaMirror` → etcd, every write fenced
+  on this GMN still holding ``gmn/leader`` under its lease;
+* feeder (standby): etcd's mirror → the local charon, continuously;
+* takeover: load the mirror from etcd, feed what is missing, check that charon holds
+  every mirrored IKE SA and CHILD_SA, then activate them through the HA FIFO;
+* statistics under ``gmn/ha/<node>`` (counts and the replication latency histogram:
+  kernel receive time of the datagram → etcd's acknowledgement of the write).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from protego.control.model import PREFIX
+from protego.errors import ProtegoError
+from protego.gmn import ha
+from protego.store.etcd import DeleteOp, Etcd, PutOp, encode_json, lease_is
+from protego.store.view import PrefixView
+from protego.vici_client import ViciClient
+
+log = logging.getLogger(__name__)
+
+STATS_PREFIX = f"{PREFIX}gmn/ha/"
+VERIFY_TIMEOUT = 2.0  # longest wait for charon to hold every mirrored SA before activating
+
+
+def charon_holds(vici_socket: str) -> tuple[dict[str, str], set[int]]:
+    """(IKE SPIs ``i_r`` → state, inbound CHILD_SA SPIs) of a charon, over VICI."""
+    ikes: dict[str, str] = {}
+    children: set[int] = set()
+    with ViciClient(vici_socket) as v:
+        for entry in v.raw_sas():
+            for sa in entry.values():
+                ikes[f"{sa.get('initiator-spi', '')}_{sa.get('responder-spi', '')}"] = str(sa.get("state"))
+                for c in (sa.get("child-sas") or {}).values():
+                    if c.get("spi-in"):
+                        children.add(int(c["spi-in"], 16))
+    return ikes, children
+
+
+class HaService:
+    def __init__(self, node: str, etcd: Etcd, vici_socket: str, leader_key: str,
+                 lease_id: Callable[[], int], charon_pid: Callable[[], int | None],
+                 feed_allowed: Callable[[], bool], wake: Callable[[], None],
+                 local: str = ha.AGENT_HA_ADDR, charon: str = ha.CHARON_HA_ADDR, port: int = ha.HA_PORT) -> None:
+        self.node = node
+        self.etcd = etcd
+        self.vici_socket = vici_socket
+        self.leader_key = leader_key
+        self._lease_id = lease_id
+        self._charon_pid = charon_pid
+        self._feed_allowed = feed_allowed
+        self._wake = wake  # the agent re-runs its election (fenced, or ready to stand)
+        self._addr = (local, charon, port)
+        self.view = PrefixView(on_change=self._kick_feeder)
+        self.mirror = ha.HaMirror()
+        self.feeder = ha.HaFeeder()
+        self.hist = ha.LatencyHistogram()
+        self.active = False
+        self.fed_ok = False  # the local charon holds everything etcd mirrors (standby)
+        self.counts = {"received": 0, "mirrored": 0, "ignored": 0, "malformed": 0, "fed": 0, "write_errors": 0,
+                       "fenced": 0}
+        self._lock = threading.RLock()  # mirror + feeder + activation
+        self._feed = threading.Event()
+        self._stop = threading.Event()
+        self._reset_feeder = True
+        self._dirty: dict[bytes, None] = {}
+        self._waiting: list[float] = []  # receive times of datagrams not yet in etcd
+        self._threads: list[threading.Thread] = []
+        self._watch: Any = None
+        self.sock: ha.HaSocket | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "HaService":
+        self.sock = ha.HaSocket(*self._addr)
+        self._watch = self.etcd.snapshot_and_watch(ha.HA_PREFIX, self.view, name="gmn-ha-view")
+        self.view.synced.wait(10)
+        for name, fn in (("gmn-ha-relay", self._relay_loop), ("gmn-ha-feeder", self._feeder_loop),
+                         ("gmn-ha-stats", self._stats_loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._feed.set()
+        for t in self._threads:
+            t.join(5)
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.sock is not None:
+            self.sock.close()
+
+    def _kick_feeder(self) -> None:
+        self._feed.set()
+
+    def charon_restarted(self) -> None:
+        """A (new) charon connected: find out what it holds, then feed it the rest."""
+        with self._lock:
+            self._reset_feeder = True
+            self.fed_ok = False
+        self._feed.set()
+
+    # ------------------------------------------------------------------ etcd entries
+    def etcd_entries(self) -> dict[bytes, list[bytes]]:
+        out: dict[bytes, list[bytes]] = {}
+        for kv in self.view.items(ha.HA_PREFIX):
+            ike = ha.key_ike_id(kv.key)
+            if ike is None:
+                continue
+            try:
+                out[ike] = ha.decode_entry(kv.value)
+            except ha.HaFormatError as exc:
+                log.warning("HA entry %s unreadable (%s): ignored", kv.key[len(ha.HA_PREFIX):], exc)
+        return out
+
+    def _fresh_entries(self) -> dict[bytes, list[bytes]]:
+        """The mirror as etcd has it now (a linearizable read, not the watch's copy)."""
+        _rev, kvs = self.etcd.get_prefix(ha.HA_PREFIX)
+        out: dict[bytes, list[bytes]] = {}
+        for kv in kvs:
+            ike = ha.key_ike_id(kv.key)
+            if ike is not None:
+                try:
+                    out[ike] = ha.decode_entry(kv.value)
+                except ha.HaFormatError:
+                    continue
+        return out
+
+    # ------------------------------------------------------------------ standby: feed charon
+    def _feeder_loop(self) -> None:
+        while not self._stop.is_set():
+            self._feed.wait(1.0)
+            self._feed.clear()
+            if self._stop.is_set():
+                return
+            if self.active:
+                continue
+            try:
+                self.feed_once()
+            except (OSError, ProtegoError) as exc:
+                log.debug("HA feed deferred: %s", exc)
+                with self._lock:
+                    self.fed_ok = False
+                self._stop.wait(0.2)
+                self._feed.set()
+
+    def feed_once(self, entries: dict[bytes, list[bytes]] | None = None) -> int:
+        """Send the local charon what it lacks; the number of datagrams sent."""
+        with self._lock:
+            if not self._feed_allowed() or self._charon_pid() is None or self.sock is None:
+                self.fed_ok = False
+                return 0
+            if entries is None:
+                entries = self.etcd_entries()
+            if self._reset_feeder:
+                ikes, children = charon_holds(self.vici_socket)
+                present = {ike for ike in entries if ha.ike_spis(ike) in ikes}
+                spis = {s.to_bytes(4, "little") for s in children}
+                self.feeder.reset(present, entries, spis)
+                self._reset_feeder = False
+                if present:
+                    log.info("HA: charon already holds %d of %d mirrored IKE SAs", len(present), len(entries))
+            out = self.feeder.plan(entries)
+            if out:
+                self.sock.send(out)
+                self.counts["fed"] += len(out)
+                log.info("HA: fed charon %d messages (%d IKE SAs mirrored)", len(out), len(entries))
+            self.feeder.mark(entries)
+            was, self.fed_ok = self.fed_ok, True
+        if not was:
+            self._wake()
+        return len(out)
+
+    # ------------------------------------------------------------------ takeover
+    def activate(self) -> dict[str, Any]:
+        """Called by the agent right after it won the election."""
+        t0 = time.monotonic()
+        with self._lock:
+            entries = self._fresh_entries()
+            self.mirror.load(entries)
+            sent = self.feed_once(entries)
+            want_ike = {ha.ike_spis(i) for i in entries}
+            want_child = {ha.spi_of(m.inbound_spi) for msgs in self.mirror.entries.values() for m in msgs
+                          if m.type == ha.CHILD_ADD and m.inbound_spi}
+            missing: set[str] = set()
+            deadline = time.monotonic() + (VERIFY_TIMEOUT if sent else 0.5)
+            while True:
+                ikes, children = charon_holds(self.vici_socket)
+                missing = {s for s in want_ike if s not in ikes} | {f"{c:08x}" for c in want_child - children}
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            if missing:
+                log.warning("HA takeover: charon lacks %d mirrored SAs (%s); activating what it has",
+                            len(missing), ", ".join(sorted(missing)[:5]))
+            self.active = True
+            self._dirty.clear()
+            pid = self._charon_pid()
+            if pid is None:
+                raise ProtegoError("charon is not connected: cannot activate its IKE SAs")
+            ha.write_fifo(pid, "+1")
+            # charon applies the FIFO in its own thread: wait until no mirrored SA is passive
+            deadline = time.monotonic() + VERIFY_TIMEOUT
+            passive = 0
+            while True:
+                ikes, _ = charon_holds(self.vici_socket)
+                passive = sum(1 for s in want_ike if ikes.get(s) == "PASSIVE")
+                if not passive or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+        info = {"ike_sas": len(want_ike), "child_sas": len(want_child), "fed": sent, "missing": len(missing),
+                "still_passive": passive, "ms": round((time.monotonic() - t0) * 1000, 1)}
+        log.info("HA: %s active: %d IKE SAs and %d CHILD_SAs taken over in %.1f ms (%d fed, %d missing)",
+                 self.node, info["ike_sas"], info["child_sas"], info["ms"], sent, len(missing))
+        return info
+
+    def deactivate(self, reason: str) -> None:
+        with self._lock:
+            was = self.active
+            self.active = False
+            self._reset_feeder = True
+            self.fed_ok = False
+        pid = self._charon_pid()
+        if was and pid is not None:
+            try:
+                ha.write_fifo(pid, "-1", timeout=0.5)
+            except OSError as exc:
+                log.warning("HA: could not make charon's IKE SAs passive: %s", exc)
+        if was:
+            log.warning("HA: %s no longer active (%s): its IKE SAs are passive", self.node, reason)
+        self._feed.set()
+
+    # ------------------------------------------------------------------ active: relay to etcd
+    def _relay_loop(self) -> None:
+        while not self._stop.is_set():
+            assert self.sock is not None
+            try:
+                batch = self.sock.receive(0.2 if not self._dirty else 0.02)
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.warning("HA socket: %s", exc)
+                self._stop.wait(0.5)
+                continue
+            with self._lock:
+                for raw, ts in batch:
+                    self.counts["received"] += 1
+                    if not self.active:
+                        self.counts["ignored"] += 1  # a passive charon's chatter: never mirrored
+                        continue
+                    try:
+                        msg = ha.parse(raw)
+                    except ha.HaFormatError as exc:
+                        self.counts["malformed"] += 1
+                        log.warning("HA: malformed datagram from charon (%s)", exc)
+                        continue
+                    changed = self.mirror.apply(msg)
+                    if msg.type in ha.MIRRORED:
+                        log.debug("HA: %s %s", msg.type_name, msg.spis)
+                    for ike in changed:
+                        self._dirty[ike] = None
+                    if changed:
+                        self._waiting.append(ts)
+                if not self.active or not self._dirty:
+                    continue
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the dirty entries (lock held); on an etcd error they stay dirty."""
+        ops: list[Any] = []
+        for ike in list(self._dirty):
+            msgs = self.mirror.raw(ike)
+            key = ha.entry_key(ike)
+            ops.append(PutOp(key, ha.encode_entry(msgs)) if msgs is not None else DeleteOp(key))
+        fence = [lease_is(self.leader_key, self._lease_id())]
+        try:
+            for i in range(0, len(ops), ha.MAX_OPS):
+                if not self.etcd.txn(fence, ops[i:i + ha.MAX_OPS]).succeeded:
+                    self.counts["fenced"] += 1
+                    log.error("HA: %s is no longer the leader: mirror writes refused", self.node)
+                    self.active = False
+                    self._dirty.clear()
+                    self._waiting.clear()
+                    threading.Thread(target=self._wake, daemon=True).start()
+                    return
+        except ProtegoError as exc:
+            self.counts["write_errors"] += 1
+            log.warning("HA: mirror write failed (%s); retrying", exc)
+            return
+        now = time.time()
+        for ts in self._waiting:
+            self.hist.add((now - ts) * 1000)
+        self.counts["mirrored"] += len(self._waiting)
+        self._waiting.clear()
+        self._dirty.clear()
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            entries = len(self.mirror.entries) if self.active else len(self.view.items(ha.HA_PREFIX))
+            return {"node": self.node, "active": self.active, "fed_ok": self.fed_ok, "entries": entries,
+                    **self.counts, "latency": self.hist.snapshot(), "time": time.time()}
+
+    def _stats_loop(self) -> None:
+        last: dict[str, Any] | None = None
+        while not self._stop.wait(1.0):
+            s = self.stats()
+            cmp = {k: v for k, v in s.items() if k != "time"}
+            if cmp == last:
+                continue
+            try:
+                self.etcd.put(f"{STATS_PREFIX}{self.node}", encode_json(s))
+                last = cmp
+            except ProtegoError as exc:
+                log.debug("HA stats not written: %s", exc)
