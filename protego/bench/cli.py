@@ -14,6 +14,8 @@ _BENCHES: dict[str, tuple[str, str]] = {
             "End to end vs the baseline: throughput, added latency, setup of 100 tunnels, GMN RSS."),
     "failover": ("protego.bench.migration:bench_failover",
                  "GPN killed under load: detection time and traffic outage, over trials."),
+    "gmn-failover": ("protego.bench.gmn_failover:bench_gmn_failover",
+                     "Active GMN killed under traffic: HA replication, takeover time, ESP loss, renegotiations."),
     "lb": ("protego.lb.cli:bench_cmd", "GIN/GEN: steering update latency, GPN failure detection."),
     "migration": ("protego.bench.migration:bench_migration",
                   "Live migration by rekey under load: lost packets, switch time, throughput dip."),

@@ -33,7 +33,7 @@ from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
 from protego.lb.model import validate_steer_in, validate_steer_out
 from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
-from protego.gmn.ha_service import HaService
+from protego.gmn.ha_service import HaProcess
 from protego.gmn.plugin_server import Counters, Event, PluginServer
 from protego.gmn.records import (
     Owner,
@@ -122,12 +122,11 @@ class GmnAgent:
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
             on_change=self._on_plugin_event, on_disconnect=self._on_charon_gone,
         )
-        self.ha: HaService | None = None
+        self.ha: HaProcess | None = None
         if cfg.ha:
-            self.ha = HaService(cfg.node, etcd, cfg.vici_socket, LEADER_KEY,
-                                lease_id=lambda: self._lease.id if self._lease else 0,
-                                charon_pid=self._charon_pid, feed_allowed=self._conns_ready,
-                                wake=self._kick, local=cfg.ha_local, charon=cfg.ha_charon)
+            self.ha = HaProcess(cfg.node, list(cfg.etcd), cfg.vici_socket, LEADER_KEY, wake=self._kick,
+                                local=cfg.ha_local, charon=cfg.ha_charon,
+                                verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
         self._conns_ok = False
         self._lease_watchdog: threading.Thread | None = None
 
@@ -260,6 +259,11 @@ class GmnAgent:
     def _candidate(self) -> bool:
         """Only a GMN whose charon runs, holds the connections and every mirrored IKE SA
         may become active."""
+        if self.ha is not None:
+            if not self.ha.alive and not self._stop.is_set():
+                log.error("gmn %s: restarting the HA relay process", self.cfg.node)
+                self.ha.start()
+            self.ha.set_charon(self._charon_pid(), self._conns_ready())
         if not self._conns_ready():
             return False
         return self.ha is None or self.ha.fed_ok or self.ha.active
@@ -364,7 +368,8 @@ class GmnAgent:
         if self.ha is None or self.ha.active:
             return
         try:
-            info = self.ha.activate()
+            self.ha.set_charon(self._charon_pid(), self._conns_ready())
+            info = self.ha.activate(self._lease.id if self._lease else 0, self._charon_pid())
         except (OSError, ProtegoError) as exc:
             log.error("gmn %s: taking over the IKE SAs failed (%s): resigning", self.cfg.node, exc)
             self._resign("activation failed")
@@ -441,8 +446,8 @@ class GmnAgent:
                 if name not in desired:
                     self.state.loaded.pop(name)
         was_ok, self._conns_ok = self._conns_ok, self.server.connected
-        if self._conns_ok and not was_ok and self.ha is not None:
-            self.ha._kick_feeder()
+        if self._conns_ok != was_ok and self.ha is not None:
+            self.ha.set_charon(self._charon_pid(), self._conns_ok)
         if self.state.leader:
             self._forget_removed_tunnels()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 import click
@@ -41,6 +42,9 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
     from protego.gmn.agent import GmnAgent, GmnConfig
 
     obj = ctx.find_object(CliContext) or CliContext()
+    # the HA relay's datagram -> etcd path must not wait out 5 ms GIL slices of the
+    # reconcile loop (replication latency is a target)
+    sys.setswitchinterval(0.0005)
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     try:
