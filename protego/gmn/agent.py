@@ -65,6 +65,7 @@ MIGRATION_RETRY_S = 2.0  # a migration rekey that put nothing on the target is a
 MIGRATION_ATTEMPTS = 5
 MAX_EVENTS = 500
 DEFER_SWITCH_S = 2.0  # longest wait for a peer's DELETE before using the new outbound SA
+ADOPT_GRACE_S = 15.0  # after a takeover, the other GMN's records are reconciled once this has passed
 RECOVERY_RETRY_S = 10.0  # a tunnel whose recovery rekey did not move it is asked again after this
 VIP_LABEL = "lo:pg"
 
@@ -128,6 +129,8 @@ class GmnAgent:
                                 local=cfg.ha_local, charon=cfg.ha_charon,
                                 verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
         self._conns_ok = False
+        self._done_rev: tuple[int, int] | None = None
+        self._active_since: float | None = None
         self._lease_watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -175,6 +178,15 @@ class GmnAgent:
     def _kick(self) -> None:
         self._wake.set()
 
+    def _desired_revision(self) -> tuple[int, int]:
+        """(newest mod_revision, number of keys) under tenants/, tunnels/ and secrets/."""
+        newest = count = 0
+        for prefix in ("tenants/", "tunnels/", "secrets/"):
+            for kv in self.view.items(PREFIX + prefix):
+                newest = max(newest, kv.mod_revision)
+                count += 1
+        return newest, count
+
     def _on_view_change(self) -> None:
         self._kick()
         with self._applied:
@@ -190,10 +202,18 @@ class GmnAgent:
                 return
             try:
                 self._elect()
-                if self.cfg.manage_vips:
-                    self._reconcile_vips()
                 full = time.monotonic() - last_full > self.cfg.resync_interval
-                self._reconcile_conns(force_check=full)
+                # VIPs and charon's connections follow tenants/, tunnels/ and secrets/ only:
+                # the far more frequent changes of SA records, steering and acknowledgements
+                # do not redo them (each costs a netlink socket and a pass over every tunnel)
+                desired_rev = self._desired_revision()
+                if full or desired_rev != self._done_rev or not self._conns_ok:
+                    if self.cfg.manage_vips:
+                        self._reconcile_vips()
+                    self._reconcile_conns(force_check=full)
+                    self._done_rev = desired_rev
+                if self.ha is not None and self.ha.alive:
+                    self.ha.set_charon(self._charon_pid(), self._conns_ready())
                 if self.state.leader:
                     self._switch_deferred()
                     self._handle_migrations()
@@ -242,10 +262,28 @@ class GmnAgent:
                 kind, detail = ("child-up" if up else "child-down"), ""
             else:
                 kind, detail = "child-rekey", ""
+                if self.state.leader and self.ha is not None:
+                    self._forget_rekeyed(sa)
             if self.state.leader:
                 self._event(kind, ids[0], ids[1], detail)
             log.info("tunnel %s/%s: %s", ids[0], ids[1], kind)
         self._kick()
+
+    def _forget_rekeyed(self, sa: dict[str, Any]) -> None:
+        """The old CHILD_SA of a rekey leaves the HA mirror now, not when charon destroys
+        it after ``delete_rekeyed_delay`` (see :meth:`HaMirror.forget_child`)."""
+        def s(v: Any) -> str:
+            return v.decode() if isinstance(v, bytes) else str(v or "")
+
+        spis = f"{s(sa.get('initiator-spi'))}_{s(sa.get('responder-spi'))}"
+        for child in (sa.get("child-sas") or {}).values():
+            old = child.get("old") if isinstance(child, dict) else None
+            if isinstance(old, dict) and old.get("spi-in"):
+                try:
+                    assert self.ha is not None
+                    self.ha.forget_child(spis, int(s(old["spi-in"]), 16))
+                except (ProtegoError, ValueError) as exc:
+                    log.warning("HA: could not drop rekeyed CHILD_SA %s from the mirror: %s", s(old["spi-in"]), exc)
 
     # ------------------------------------------------------------------ leadership
     def _charon_pid(self) -> int | None:
@@ -272,6 +310,11 @@ class GmnAgent:
         """The plugin connection closed: charon died or restarts. An active GMN hands
         leadership over at once instead of letting its lease run out."""
         self._conns_ok = False
+        if self.ha is not None:
+            try:
+                self.ha.set_charon(None, False)  # nothing is fed to a charon that is not there
+            except ProtegoError as exc:
+                log.warning("HA: %s", exc)
         if self.state.leader:
             log.error("gmn %s: charon is gone: resigning the leadership", self.cfg.node)
             self._resign("charon is gone")
@@ -288,6 +331,7 @@ class GmnAgent:
     def _demote(self, reason: str) -> None:
         was = self.state.leader
         self.state.leader = False
+        self._active_since = None
         if self.ha is not None:
             self.ha.deactivate(reason)
         if was:
@@ -374,6 +418,7 @@ class GmnAgent:
             log.error("gmn %s: taking over the IKE SAs failed (%s): resigning", self.cfg.node, exc)
             self._resign("activation failed")
             return
+        self._active_since = time.monotonic()
         self._event("gmn-takeover", detail=f"{info['ike_sas']} IKE SAs, {info['child_sas']} CHILD_SAs "
                                            f"active after {info['ms']} ms")
 
@@ -968,8 +1013,14 @@ class GmnAgent:
             return
         with self.server._lock:  # a consistent copy of the plugin's view
             installed = {(k[0], k[2]): rec.sa for k, rec in self.server.sas.items()}
+        # records the other GMN wrote are this one's after a takeover: once charon has had
+        # time to settle (rekeyed SAs linger for delete_rekeyed_delay), a record whose SA
+        # this charon does not hold is stale (e.g. the old SA of a rekey the other GMN
+        # finished just before it failed)
+        adopt = self._active_since is not None and time.monotonic() - self._active_since > ADOPT_GRACE_S
         records = {(int(r["spi"], 16), r["dst"]): (k, r)
-                   for k, r in self.view.json_items(f"{PREFIX}sas/").items() if r.get("gmn") == self.cfg.node}
+                   for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+                   if r.get("gmn") == self.cfg.node or adopt}
         for (spi, dst) in sorted(set(records) - set(installed)):
             log.info("SA %08x is gone from charon: removing its record", spi)
             self._del_sa(spi, dst)

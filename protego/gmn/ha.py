@@ -248,6 +248,20 @@ class HaMirror:
             entry.append(msg)
         return {ike}
 
+    def forget_child(self, spis: str, spi_in: int) -> set[bytes]:
+        """A CHILD_SA charon rekeyed and the peer deleted: charon destroys it (and the ha
+        plugin reports CHILD_DELETE) only ``delete_rekeyed_delay`` later, so a takeover
+        within that delay would revive it on the standby. Drop it from the mirror now."""
+        for ike, entry in self.entries.items():
+            if ike_spis(ike) != spis:
+                continue
+            kept = [m for m in entry if not (m.type == CHILD_ADD and m.inbound_spi and spi_of(m.inbound_spi) == spi_in)]
+            if len(kept) == len(entry):
+                return set()
+            self.entries[ike] = self._compact(ike, kept)
+            return {ike}
+        return set()
+
     @staticmethod
     def _compact(current: bytes, msgs: list[HaMessage]) -> list[HaMessage]:
         """Drop the history of older IKE SAs no live CHILD_SA was created on."""

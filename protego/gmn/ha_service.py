@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATS_PREFIX = f"{PREFIX}gmn/ha/"
 RELAY_NICE = -10
+CHECK_INTERVAL = 5.0  # s between checks that the standby's charon holds the mirror
 VERIFY_TIMEOUT = 2.0  # longest wait for charon to hold every mirrored SA before activating
 
 
@@ -123,10 +124,12 @@ class HaService:
         self._feed.set()
 
     def charon_restarted(self) -> None:
-        """A (new) charon connected: find out what it holds, then feed it the rest."""
+        """A (new) charon connected: once the agent says it holds the connections again,
+        find out what it holds and feed it the rest."""
         with self._lock:
             self._reset_feeder = True
             self.fed_ok = False
+            self.conns_ready = False
         self._feed.set()
 
     # ------------------------------------------------------------------ etcd entries
@@ -157,21 +160,45 @@ class HaService:
 
     # ------------------------------------------------------------------ standby: feed charon
     def _feeder_loop(self) -> None:
+        next_check = 0.0
         while not self._stop.is_set():
-            self._feed.wait(1.0)
+            self._feed.wait(max(0.05, min(1.0, next_check - time.monotonic())) if next_check else 1.0)
             self._feed.clear()
             if self._stop.is_set():
                 return
             if self.active:
+                next_check = 0.0
                 continue
             try:
-                self.feed_once()
+                if self.feed_once():
+                    next_check = time.monotonic() + 0.3  # charon applies them asynchronously
+                elif (next_check and time.monotonic() >= next_check) or \
+                        (not next_check and self.fed_ok):
+                    next_check = time.monotonic() + CHECK_INTERVAL if self._check_charon() else 0.0
             except (OSError, ProtegoError) as exc:
                 log.debug("HA feed deferred: %s", exc)
                 with self._lock:
                     self.fed_ok = False
                 self._stop.wait(0.2)
                 self._feed.set()
+
+    def _check_charon(self) -> bool:
+        """The standby's charon really holds every mirrored IKE SA (a message it could not
+        apply, e.g. for a connection not loaded yet, is sent again)."""
+        with self._lock:
+            if self.active or not self.fed_ok or self._charon_pid() is None:
+                return True
+            entries = self.etcd_entries()
+            ikes, _children = charon_holds(self.vici_socket)
+            missing = [ha.ike_spis(i) for i in entries if ha.ike_spis(i) not in ikes]
+            if not missing:
+                return True
+            log.warning("HA: charon lacks %d mirrored IKE SAs (%s); feeding them again", len(missing),
+                        ", ".join(missing[:3]))
+            self._reset_feeder = True
+            self.fed_ok = False
+        self._feed.set()
+        return False
 
     def feed_once(self, entries: dict[bytes, list[bytes]] | None = None) -> int:
         """Send the local charon what it lacks; the number of datagrams sent."""
@@ -258,6 +285,17 @@ class HaService:
         if was:
             log.warning("HA: %s no longer active (%s): its IKE SAs are passive", self.node, reason)
         self._feed.set()
+
+    def forget_child(self, spis: str, spi_in: int) -> bool:
+        with self._lock:
+            if not self.active:
+                return False
+            changed = self.mirror.forget_child(spis, spi_in)
+            for ike in changed:
+                self._dirty[ike] = None
+            if changed:
+                self._flush()
+            return bool(changed)
 
     # ------------------------------------------------------------------ active: relay to etcd
     def _relay_loop(self) -> None:
@@ -437,9 +475,14 @@ class HaProcess:
     def charon_restarted(self) -> None:
         if self.alive:
             self._request({"cmd": "reset"}, 5.0)
+            self._charon = None  # the agent tells it again once charon holds the connections
 
     def activate(self, lease: int, pid: int | None) -> dict[str, Any]:
         return self._request({"cmd": "activate", "lease": lease, "pid": pid}, 15.0)
+
+    def forget_child(self, spis: str, spi_in: int) -> None:
+        if self.alive:
+            self._request({"cmd": "forget_child", "spis": spis, "spi_in": spi_in}, 5.0)
 
     def deactivate(self, reason: str) -> None:
         if self.alive:
@@ -493,6 +536,8 @@ def _serve(svc: HaService, out: Any) -> None:
                 with svc._lock:
                     svc.lease, svc.pid = int(cmd["lease"]), cmd.get("pid")
                 result = svc.activate()
+            elif name == "forget_child":
+                result = {"changed": svc.forget_child(str(cmd["spis"]), int(cmd["spi_in"]))}
             elif name == "deactivate":
                 svc.deactivate(str(cmd.get("reason", "")))
             elif name == "stop":

@@ -82,6 +82,12 @@ def fail_over(tb: tbmod.Testbed, mode: str) -> dict[str, Any]:
             "sas_before": sas_before}
 
 
+def gmn_children(tb: tbmod.Testbed, node: str) -> int:
+    with tb.vici(node) as v:
+        return sum(1 for entry in v.raw_sas() for sa in entry.values()
+                   for c in (sa.get("child-sas") or {}).values() if c.get("state") == "INSTALLED")
+
+
 def check_after(tb: tbmod.Testbed, ev: dict[str, Any]) -> None:
     # the data path was not touched: the same SA records on the same GPNs
     assert {k: (r["gpn"], r["spi"]) for k, r in records(tb).items()} == ev["sas_before"]
@@ -89,6 +95,10 @@ def check_after(tb: tbmod.Testbed, ev: dict[str, Any]) -> None:
     for s in tb.topology.sites:
         site_rekey(tb, s.name)
     assert site_ike_spis(tb) == ev["spis"], "an IKE SA was renegotiated"
+    # no CHILD_SA comes back to life: once the rekeyed ones are gone (charon's 5 s
+    # delete_rekeyed_delay), the new active GMN holds one per tunnel, like the sites
+    wait_until(lambda: gmn_children(tb, ev["standby"]) == len(tb.topology.sites), 15,
+               f"{ev['standby']} to hold one CHILD_SA per tunnel")
     with tb.etcd() as e:
         events = [kv.json() for kv in e.get_prefix(f"{PREFIX}events/")[1]]
     assert any(x["kind"] == "gmn-takeover" and x["node"] == ev["standby"] for x in events)

@@ -175,3 +175,16 @@ def test_histogram_quantiles_between_snapshots() -> None:
     assert ha.histogram_quantile(before, after, 1.0) == pytest.approx(30.25)
     assert ha.histogram_quantile(after, after, 0.99) is None
     assert after["count"] == 103 and after["max_ms"] == 30.0
+
+
+def test_forget_child_drops_a_rekeyed_child_before_charon_destroys_it() -> None:
+    a = ike_id(1)
+    mir = ha.HaMirror()
+    for raw in (ike_add(a), child_add(a, 0xC0000001), child_add(a, 0xC0000002)):
+        mir.apply(ha.parse(raw))
+    assert mir.forget_child(ha.ike_spis(a), 0xC0000001) == {a}
+    assert mir.raw(a) == [ike_add(a), child_add(a, 0xC0000002)]
+    assert mir.forget_child(ha.ike_spis(a), 0xC0000001) == set()
+    assert mir.forget_child("00_00", 0xC0000002) == set()
+    # charon's own CHILD_DELETE, 5 s later, changes nothing any more
+    assert mir.apply(ha.parse(ha.child_delete(a, (0xC0000001).to_bytes(4, "little")))) == set()
