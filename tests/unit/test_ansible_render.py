@@ -614,3 +614,19 @@ def test_ansible_check_mode_finds_the_rendered_files_current(tmp_path: Path) -> 
                  "Write the GPN agent's systemd unit", "Write the sysctls", "Write the agents' etcd credentials"):
         assert task in out, task
     assert _snapshot(scratch) == before  # check mode wrote nothing
+
+
+def test_etcd_client_env_gives_gmns_their_own_user() -> None:
+    """Only the GMNs' user can read the HA mirror (charon's IKE SA keys): GMN hosts get
+    it, every other host the agents' user."""
+    creds = dict(protego_etcd_user="protego", protego_etcd_password="ag3nt",
+                 protego_etcd_gmn_user="protego-gmn", protego_etcd_gmn_password="gmn-s3cret")
+
+    def env_of(host: str) -> dict[str, str]:
+        text = render("protego_common", "etcd-client.env.j2", host, **creds)
+        return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+    assert (env_of("gmn1")["PROTEGO_ETCD_USER"], env_of("gmn1")["PROTEGO_ETCD_PASSWORD"]) == \
+        ("protego-gmn", "gmn-s3cret")
+    for host in (GROUPS["gpn"][0], GROUPS["lb"][0]):
+        assert (env_of(host)["PROTEGO_ETCD_USER"], env_of(host)["PROTEGO_ETCD_PASSWORD"]) == ("protego", "ag3nt")

@@ -140,10 +140,10 @@ def test_shared_defaults_agree() -> None:
 
 
 def test_gmn_charon_load_list_is_the_codes() -> None:
-    from protego.gmn.charon_conf import GMN_PLUGINS
+    from protego.gmn.charon_conf import GMN_PLUGINS, HA_PLUGIN
 
     private = load(ROLES / "protego_gmn" / "vars" / "main.yml")
-    assert private["__protego_gmn_charon_load"].split() == GMN_PLUGINS.split()
+    assert private["__protego_gmn_charon_load"].split() == GMN_PLUGINS.split() + [HA_PLUGIN]
     assert GMN_PLUGINS.split()[0] == "kernel-protego"
 
 
@@ -415,7 +415,7 @@ def test_etcd_auth_setup_is_idempotent_and_keeps_passwords_off_command_lines(tmp
     state, log = tmp_path / "state.json", tmp_path / "argv.log"
     env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "FAKE_ETCD_STATE": str(state), "FAKE_ETCD_LOG": str(log),
            "EP": "http://127.0.0.1:2379", "ROOT_PW": "r00t-pw", "AGENT_USER": "protego", "AGENT_PW": "ag3nt-pw",
-           "PREFIX": "/protego/"}
+           "PREFIX": "/protego/v1/", "GMN_USER": "protego-gmn", "GMN_PW": "gmn-pw", "HA_PREFIX": "/protego/ha/"}
 
     def run(**extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", "-c", script], env={**env, **extra}, capture_output=True, text=True,
@@ -428,7 +428,10 @@ def test_etcd_auth_setup_is_idempotent_and_keeps_passwords_off_command_lines(tmp
     assert st["auth"] is True
     assert st["users"]["root"] == {"password": "r00t-pw", "roles": ["root"]}
     assert st["users"]["protego"] == {"password": "ag3nt-pw", "roles": ["protego"]}
-    assert st["roles"]["protego"] == [["readwrite", "/protego/", True]]
+    assert st["roles"]["protego"] == [["readwrite", "/protego/v1/", True]]
+    # the GMNs' user alone reaches the HA mirror
+    assert st["users"]["protego-gmn"] == {"password": "gmn-pw", "roles": ["protego-gmn"]}
+    assert st["roles"]["protego-gmn"] == [["readwrite", "/protego/v1/", True], ["readwrite", "/protego/ha/", True]]
     second = run()
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "unchanged"
@@ -436,3 +439,4 @@ def test_etcd_auth_setup_is_idempotent_and_keeps_passwords_off_command_lines(tmp
     assert run(ROOT_PW="wrong").returncode != 0
     argv_log = log.read_text()
     assert "r00t-pw" not in argv_log and "ag3nt-pw" not in argv_log and "wrong" not in argv_log
+    assert "gmn-pw" not in argv_log
