@@ -4,7 +4,8 @@ The protego-mode testbed runs every role (GIN/GEN steers IKE to gmn1, GPN agents
 register and carry the SAs). VIPs the tests add on the fly (203.0.113.0/24 beyond
 the topology's, 100.64.0.0/16) are routed from the GIN's namespace straight to gmn1.
 Checked: SA records carry the peers' SPIs and the real keys, rekeys (VICI and
-lifetime) replace records, the agent and charon survive restarts, migration by
+lifetime) replace records, the agent and charon survive kill -9 (charon's IKE SAs
+through the standby GMN), migration by
 rekey moves the records, 100 tunnels come up through one GMN.
 """
 
@@ -277,17 +278,35 @@ def test_agent_kill9_and_restart_drops_no_tunnel(bed: Bed) -> None:
                "SA records to converge")
 
 
-def test_charon_restart_reestablishes_and_converges(bed: Bed) -> None:
+def test_charon_kill9_keeps_the_tunnels_and_catches_up(bed: Bed) -> None:
+    """The GMNs mirror charon's IKE SAs through etcd (docs/gmn-ha.md): a charon that dies
+    costs no tunnel. gmn2 takes the IKE SAs over; gmn1's restarted charon catches up from
+    etcd as the standby and, handed the leadership back, carries on with the same SAs."""
+    from protego.bench.gmn_failover import (fail_gmn, gmn_leader, restore_gmn, site_ike_spis, site_rekey,
+                                            wait_standby_caught_up, wait_takeover)
+
+    assert gmn_leader(bed.tb) == "gmn1"
+    spis = site_ike_spis(bed.tb)
+    children = {s.name: bed.peer_child(s.name)["spi_in"] for s in bed.tb.topology.sites}  # type: ignore[index]
+    recs = {k: (r["spi"], r["gpn"]) for k, r in bed.records().items()}
     [charon] = _procs(bed, "charon")
-    old = {s.name: bed.peer_child(s.name)["spi_in"] for s in bed.tb.topology.sites}  # type: ignore[index]
     os.kill(charon.pid, signal.SIGKILL)
     wait_until(lambda: not procs.is_alive(charon), 5, "charon to die")
-    conf = tbmod.gmn_paths(bed.tb, "gmn1")[0]
-    _respawn(bed, charon, env={"STRONGSWAN_CONF": str(conf)}, private_run=True)
-    # the peers notice by DPD and restart their tunnels; the agent reloads the connections
+    assert wait_takeover(bed.tb, "gmn2", spis) is not None, "gmn2 did not take over"
+    tbmod.start_gmn_charon(bed.tb, "gmn1")
+    assert wait_standby_caught_up(bed.tb, "gmn1", spis), "gmn1's new charon did not catch up from etcd"
+    # back to gmn1 (the other tests route IKE for their own VIPs straight to it)
+    fail_gmn(bed.tb, "gmn2", "charon")
+    assert wait_takeover(bed.tb, "gmn1", spis) is not None, "gmn1 did not take over again"
+    restore_gmn(bed.tb, "gmn2", "charon")
+    assert site_ike_spis(bed.tb) == spis
+    assert {s.name: bed.peer_child(s.name)["spi_in"] for s in bed.tb.topology.sites} == children  # type: ignore[index]
+    assert {k: (r["spi"], r["gpn"]) for k, r in bed.records().items()} == recs
+    # the next exchange works against the restarted charon, and the records follow it
     for s in bed.tb.topology.sites:
-        new = wait_until(lambda s=s: (c := bed.peer_child(s.name)) and c["spi_in"] != old[s.name] and c, 45,
-                         f"{s.name}'s tunnel to be re-established")
+        site_rekey(bed.tb, s.name)
+        new = bed.peer_child(s.name)
+        assert new is not None and new["ike_spi_i"] == spis[s.name]
         wait_until(lambda s=s, new=new: sa_pairs(bed, s.tenant) == {"in": {new["spi_out"]}, "out": {new["spi_in"]}},
                    15, f"records of {s.name} to converge")
 
