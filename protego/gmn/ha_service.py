@@ -40,18 +40,47 @@ CHECK_INTERVAL = 5.0  # s between checks that the standby's charon holds the mir
 VERIFY_TIMEOUT = 2.0  # longest wait for charon to hold every mirrored SA before activating
 
 
-def charon_holds(vici_socket: str) -> tuple[dict[str, str], set[int]]:
-    """(IKE SPIs ``i_r`` → state, inbound CHILD_SA SPIs) of a charon, over VICI."""
+def charon_holds(vici_socket: str) -> tuple[dict[str, str], dict[int, str]]:
+    """(IKE SPIs ``i_r`` → state, inbound CHILD_SA SPI → its IKE SA's SPIs) of a charon."""
     ikes: dict[str, str] = {}
-    children: set[int] = set()
+    children: dict[int, str] = {}
     with ViciClient(vici_socket) as v:
         for entry in v.raw_sas():
             for sa in entry.values():
-                ikes[f"{sa.get('initiator-spi', '')}_{sa.get('responder-spi', '')}"] = str(sa.get("state"))
+                spis = f"{sa.get('initiator-spi', '')}_{sa.get('responder-spi', '')}"
+                ikes[spis] = str(sa.get("state"))
                 for c in (sa.get("child-sas") or {}).values():
-                    if c.get("spi-in"):
-                        children.add(int(c["spi-in"], 16))
+                    if c.get("spi-in") and c.get("state") == "INSTALLED":
+                        children[int(c["spi-in"], 16)] = spis
     return ikes, children
+
+
+def prune_plan(entries: dict[bytes, list[bytes]], ikes: dict[str, str], children: dict[int, str]) -> list[bytes]:
+    """Deletions that make a charon hold no IKE SA or CHILD_SA the mirror does not have
+    (e.g. CHILD_SAs rekeyed while this GMN was cut off from etcd)."""
+    by_spis = {ha.ike_spis(i): i for i in entries}
+    mirrored = {ha.spi_of(m[1]) for msgs in entries.values() for m in _child_spis(msgs)}
+    out = [ha.child_delete(by_spis[spis], spi.to_bytes(4, "little"))
+           for spi, spis in sorted(children.items()) if spi not in mirrored and spis in by_spis]
+    for spis in sorted(set(ikes) - set(by_spis)):
+        i, _, r = spis.partition("_")
+        try:
+            raw = bytes.fromhex(i) + bytes.fromhex(r)
+        except ValueError:
+            continue
+        if len(raw) == 16:
+            out += [ha.ike_delete(bytes([2]) + raw + bytes([flag])) for flag in (0, 1)]  # either role
+    return out
+
+
+def _child_spis(msgs: list[bytes]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for raw in msgs:
+        if len(raw) > 1 and raw[1] == ha.CHILD_ADD:
+            m = ha.parse(raw)
+            if m.inbound_spi:
+                out.append((raw, m.inbound_spi))
+    return out
 
 
 class HaService:
@@ -189,8 +218,13 @@ class HaService:
             if self.active or not self.fed_ok or self._charon_pid() is None:
                 return True
             entries = self.etcd_entries()
-            ikes, _children = charon_holds(self.vici_socket)
+            ikes, children = charon_holds(self.vici_socket)
             missing = [ha.ike_spis(i) for i in entries if ha.ike_spis(i) not in ikes]
+            stale = prune_plan(entries, ikes, children)
+            if stale and self.sock is not None:
+                log.info("HA: charon holds %d SAs the mirror does not: deleting them", len(stale))
+                self.sock.send(stale)
+                self.counts["fed"] += len(stale)
             if not missing:
                 return True
             log.warning("HA: charon lacks %d mirrored IKE SAs (%s); feeding them again", len(missing),
@@ -211,7 +245,7 @@ class HaService:
             if self._reset_feeder:
                 ikes, children = charon_holds(self.vici_socket)
                 present = {ike for ike in entries if ha.ike_spis(ike) in ikes}
-                spis = {s.to_bytes(4, "little") for s in children}
+                spis = {c.to_bytes(4, "little") for c in children}
                 self.feeder.reset(present, entries, spis)
                 self._reset_feeder = False
                 if present:
@@ -242,10 +276,14 @@ class HaService:
             deadline = time.monotonic() + (VERIFY_TIMEOUT if sent else 0.5)
             while True:
                 ikes, children = charon_holds(self.vici_socket)
-                missing = {s for s in want_ike if s not in ikes} | {f"{c:08x}" for c in want_child - children}
+                missing = {s for s in want_ike if s not in ikes} | {f"{c:08x}" for c in want_child - set(children)}
                 if not missing or time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
+            stale = prune_plan(entries, ikes, children)
+            if stale and self.sock is not None:
+                log.warning("HA takeover: charon holds %d SAs the mirror does not: deleting them", len(stale))
+                self.sock.send(stale)
             if missing:
                 log.warning("HA takeover: charon lacks %d mirrored SAs (%s); activating what it has",
                             len(missing), ", ".join(sorted(missing)[:5]))

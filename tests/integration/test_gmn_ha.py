@@ -88,6 +88,10 @@ def gmn_children(tb: tbmod.Testbed, node: str) -> int:
                    for c in (sa.get("child-sas") or {}).values() if c.get("state") == "INSTALLED")
 
 
+def site_children(tb: tbmod.Testbed) -> dict[str, Any]:
+    return {s: (t.get("spi_in"), t.get("spi_out")) for s, t in tbmod.site_tunnels(tb).items()}
+
+
 def check_after(tb: tbmod.Testbed, ev: dict[str, Any]) -> None:
     # the data path was not touched: the same SA records on the same GPNs
     assert {k: (r["gpn"], r["spi"]) for k, r in records(tb).items()} == ev["sas_before"]
@@ -97,8 +101,14 @@ def check_after(tb: tbmod.Testbed, ev: dict[str, Any]) -> None:
     assert site_ike_spis(tb) == ev["spis"], "an IKE SA was renegotiated"
     # no CHILD_SA comes back to life: once the rekeyed ones are gone (charon's 5 s
     # delete_rekeyed_delay), the new active GMN holds one per tunnel, like the sites
-    wait_until(lambda: gmn_children(tb, ev["standby"]) == len(tb.topology.sites), 15,
-               f"{ev['standby']} to hold one CHILD_SA per tunnel")
+    try:
+        wait_until(lambda: gmn_children(tb, ev["standby"]) == len(tb.topology.sites), 20,
+                   f"{ev['standby']} to hold one CHILD_SA per tunnel")
+    except AssertionError:
+        with tb.vici(ev["standby"]) as v:
+            held = [(c.get("spi-in"), c.get("state")) for e in v.raw_sas() for sa in e.values()
+                    for c in (sa.get("child-sas") or {}).values()]
+        raise AssertionError(f"{ev['standby']} holds CHILD_SAs {held}; sites {site_children(tb)}") from None
     with tb.etcd() as e:
         events = [kv.json() for kv in e.get_prefix(f"{PREFIX}events/")[1]]
     assert any(x["kind"] == "gmn-takeover" and x["node"] == ev["standby"] for x in events)

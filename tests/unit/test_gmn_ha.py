@@ -188,3 +188,18 @@ def test_forget_child_drops_a_rekeyed_child_before_charon_destroys_it() -> None:
     assert mir.forget_child("00_00", 0xC0000002) == set()
     # charon's own CHILD_DELETE, 5 s later, changes nothing any more
     assert mir.apply(ha.parse(ha.child_delete(a, (0xC0000001).to_bytes(4, "little")))) == set()
+
+
+def test_prune_plan_deletes_what_the_mirror_does_not_hold() -> None:
+    from protego.gmn.ha_service import prune_plan
+
+    a, gone = ike_id(1), ike_id(7)
+    entries = {a: [ike_add(a), child_add(a, 0xC0000002)]}
+    ikes = {ha.ike_spis(a): "PASSIVE", ha.ike_spis(gone): "PASSIVE"}
+    children = {0xC0000001: ha.ike_spis(a), 0xC0000002: ha.ike_spis(a), 0xC0000009: ha.ike_spis(gone)}
+    plan = prune_plan(entries, ikes, children)
+    # the stale CHILD_SA of a mirrored IKE SA, and the IKE SA the mirror lost (whatever
+    # its initiator flag: both are asked, the one that is not there is ignored by charon)
+    assert plan == [ha.child_delete(a, (0xC0000001).to_bytes(4, "little")),
+                    ha.ike_delete(gone[:-1] + b"\0"), ha.ike_delete(gone[:-1] + b"\1")]
+    assert prune_plan(entries, {ha.ike_spis(a): "PASSIVE"}, {0xC0000002: ha.ike_spis(a)}) == []
