@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 STATS_PREFIX = f"{PREFIX}gmn/ha/"
 RELAY_NICE = -10
-CHECK_INTERVAL = 5.0  # s between checks that the standby's charon holds the mirror
+CHECK_INTERVAL = 5.0
+TAKEOVER_WINDOW_S = 1.0  # replication right after a takeover is also reported apart  # s between checks that the standby's charon holds the mirror
 VERIFY_TIMEOUT = 2.0  # longest wait for charon to hold every mirrored SA before activating
 
 
@@ -104,6 +105,7 @@ class HaService:
         self.mirror = ha.HaMirror()
         self.feeder = ha.HaFeeder()
         self.hist = ha.LatencyHistogram()
+        self.hist_steady = ha.LatencyHistogram()  # not within TAKEOVER_WINDOW_S of an activation
         self.active = False
         self.fed_ok = False  # the local charon holds everything etcd mirrors (standby)
         self.counts = {"received": 0, "mirrored": 0, "ignored": 0, "malformed": 0, "fed": 0, "write_errors": 0,
@@ -114,6 +116,7 @@ class HaService:
         self._reset_feeder = True
         self._dirty: dict[bytes, None] = {}
         self._waiting: list[float] = []  # receive times of datagrams not yet in etcd
+        self._act_t = 0.0
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
         self.sock: ha.HaSocket | None = None
@@ -287,21 +290,35 @@ class HaService:
             if missing:
                 log.warning("HA takeover: charon lacks %d mirrored SAs (%s); activating what it has",
                             len(missing), ", ".join(sorted(missing)[:5]))
-            self.active = True
-            self._dirty.clear()
             pid = self._charon_pid()
             if pid is None:
                 raise ProtegoError("charon is not connected: cannot activate its IKE SAs")
+            self.active = True
+            self._act_t = time.monotonic()
+            self._dirty.clear()
             ha.write_fifo(pid, "+1")
-            # charon applies the FIFO in its own thread: wait until no mirrored SA is passive
-            deadline = time.monotonic() + VERIFY_TIMEOUT
-            passive = 0
-            while True:
-                ikes, _ = charon_holds(self.vici_socket)
-                passive = sum(1 for s in want_ike if ikes.get(s) == "PASSIVE")
-                if not passive or time.monotonic() > deadline:
-                    break
-                time.sleep(0.005)
+        # charon applies the FIFO in its own thread: wait until no mirrored SA is passive
+        # (the lock is free again: what the now active charon sends is mirrored meanwhile)
+        deadline = time.monotonic() + VERIFY_TIMEOUT
+        toggled = False
+        passive = 0
+        while True:
+            ikes, _ = charon_holds(self.vici_socket)
+            passive = sum(1 for s in want_ike if ikes.get(s) == "PASSIVE")
+            if not passive or time.monotonic() > deadline:
+                break
+            if not toggled and time.monotonic() > deadline - VERIFY_TIMEOUT / 2:
+                # an IKE SA charon installed only after the segment went active stays
+                # passive: cycling the segment activates it too
+                log.warning("HA takeover: %d IKE SAs still passive; cycling the segment", passive)
+                ha.write_fifo(pid, "-1")  # charon reads one command per open of the FIFO:
+                wait_until = time.monotonic() + 0.5  # see it applied before the next one
+                while time.monotonic() < wait_until and \
+                        any(st != "PASSIVE" for sp, st in charon_holds(self.vici_socket)[0].items() if sp in want_ike):
+                    time.sleep(0.005)
+                ha.write_fifo(pid, "+1")
+                toggled = True
+            time.sleep(0.005)
         info = {"ike_sas": len(want_ike), "child_sas": len(want_child), "fed": sent, "missing": len(missing),
                 "still_passive": passive, "ms": round((time.monotonic() - t0) * 1000, 1)}
         log.info("HA: %s active: %d IKE SAs and %d CHILD_SAs taken over in %.1f ms (%d fed, %d missing)",
@@ -395,6 +412,8 @@ class HaService:
         now = time.time()
         for ts in self._waiting:
             self.hist.add((now - ts) * 1000)
+            if time.monotonic() - self._act_t > TAKEOVER_WINDOW_S:
+                self.hist_steady.add((now - ts) * 1000)
 
         self.counts["mirrored"] += len(self._waiting)
         self._waiting.clear()
@@ -405,7 +424,8 @@ class HaService:
         with self._lock:
             entries = len(self.mirror.entries) if self.active else len(self.view.items(ha.HA_PREFIX))
             return {"node": self.node, "active": self.active, "fed_ok": self.fed_ok, "entries": entries,
-                    **self.counts, "latency": self.hist.snapshot(), "time": time.time()}
+                    **self.counts, "latency": self.hist.snapshot(), "latency_steady": self.hist_steady.snapshot(),
+                    "time": time.time()}
 
     def _stats_loop(self) -> None:
         last: dict[str, Any] | None = None
