@@ -28,7 +28,9 @@ def summarize(kvs: list[KV], now: float | None = None, events: int = 15) -> dict
         return {k[len(prefix):]: v for k, v in by.items() if k.startswith(prefix)}
 
     leader = by.get("gmn/leader")
-    gmns = [{"node": n, "active": bool(leader and leader.get("node") == n), **v}
+    ha = under("gmn/ha/")
+    gmns = [{"node": n, "active": bool(leader and leader.get("node") == n), **v,
+             "ha": {k: ha[n].get(k) for k in ("active", "fed_ok", "entries", "mirrored", "fenced")} if n in ha else None}
             for n, v in sorted(under("gmn/members/").items())]
     sas = list(under("sas/").values())
     stats = under("sastats/")
@@ -73,6 +75,17 @@ def summarize(kvs: list[KV], now: float | None = None, events: int = 15) -> dict
             "tenants": len(under("tenants/")), "tunnels": tunnels, "events": evs}
 
 
+def _gmn_line(g: dict[str, Any]) -> str:
+    """``gmn1* (mirroring 3 IKE SAs)`` / ``gmn2 (standby, caught up)``."""
+    name = g["node"] + ("*" if g["active"] else "")
+    h = g.get("ha")
+    if not h:
+        return name
+    if h.get("active"):
+        return f"{name} (mirroring {h.get('entries', 0)} IKE SAs)"
+    return f"{name} (standby, {'caught up' if h.get('fed_ok') else 'NOT caught up'})"
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.option("--events", "n_events", type=click.IntRange(0, 500), default=15, show_default=True)
@@ -91,7 +104,7 @@ def status(ctx: click.Context, as_json: bool, n_events: int) -> None:
         click.echo(json.dumps(st, indent=2))
         return
     click.echo(f"GMN leader: {st['gmn_leader'] or 'NONE'}   "
-               f"GMNs: {', '.join(g['node'] + ('*' if g['active'] else '') for g in st['gmns']) or '-'}")
+               f"GMNs: {', '.join(_gmn_line(g) for g in st['gmns']) or '-'}")
     click.echo(f"\nGPNs ({len(st['gpns'])})")
     click.echo(f"  {'NODE':<10} {'REGISTERED':<10} {'HEALTH':<8} {'CPU':>5} {'TUNNELS':>7}  ADMIN")
     for g in st["gpns"]:

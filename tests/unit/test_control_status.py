@@ -46,3 +46,16 @@ def test_summary() -> None:
     assert (globex["state"], globex["gpn"], globex["rate_limit_mbps"]) == ("down", None, None)
     assert [e["kind"] for e in st["events"]] == ["a", "b"]
     assert st["tenants"] == 2
+
+
+def test_status_shows_the_gmns_ha_state() -> None:
+    from protego.control.status import _gmn_line, summarize
+
+    st = summarize([kv("gmn/leader", {"node": "gmn1"}), kv("gmn/members/gmn1", {"node": "gmn1"}),
+                    kv("gmn/members/gmn2", {"node": "gmn2"}), kv("gmn/members/gmn3", {"node": "gmn3"}),
+                    kv("gmn/ha/gmn1", {"active": True, "fed_ok": False, "entries": 3, "mirrored": 40, "fenced": 0}),
+                    kv("gmn/ha/gmn2", {"active": False, "fed_ok": True, "entries": 3}),
+                    kv("gmn/ha/gmn3", {"active": False, "fed_ok": False, "entries": 3})], now=0)
+    lines = [_gmn_line(g) for g in st["gmns"]]
+    assert lines == ["gmn1* (mirroring 3 IKE SAs)", "gmn2 (standby, caught up)", "gmn3 (standby, NOT caught up)"]
+    assert st["gmns"][0]["ha"]["mirrored"] == 40
