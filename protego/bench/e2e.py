@@ -223,7 +223,8 @@ def format_table(res: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if rss:
         lines.append(f"\nGMN {rss.get('node')}: charon {_fmt(rss.get('charon_mb'))} MB + agent "
-                     f"{_fmt(rss.get('agent_mb'))} MB with {rss.get('tunnels')} tunnels loaded")
+                     f"{_fmt(rss.get('agent_mb'))} MB + HA relay {_fmt(rss.get('relay_mb'))} MB "
+                     f"with {rss.get('tunnels')} tunnels loaded")
     phases = setup.get("phases") or {}
     if phases:
         lines.append("setup, per tunnel (median / p90 / max, s): " + "; ".join(
@@ -336,15 +337,35 @@ def gmn_rss(tb: Any) -> dict[str, Any]:
     node = gmn_leader(tb)
     got = _proc_rss(tb, node, ("charon", "gmn-agent"))
     charon, agent = got.get("charon"), got.get("gmn-agent")
+    agent_rec = next((r for r in tb.state.procs if r.node == node and r.kind == "gmn-agent"), None)
+    relay = relay_rss_mb(agent_rec.pid) if agent_rec is not None else None
     from protego.testbed import testbed as tbmod
     from protego.vici_client import ViciClient
 
     with ViciClient(tbmod.gmn_paths(tb, node)[1]) as v:
         loaded = len(v.get_conns())
         ike_sas = len(v.raw_sas())
-    total = (charon or 0.0) + (agent or 0.0) if charon is not None and agent is not None else None
+    total = (charon or 0.0) + (agent or 0.0) + (relay or 0.0) if charon is not None and agent is not None else None
     return {"node": node, "charon_mb": _round(charon, 1), "agent_mb": _round(agent, 1),
-            "total_mb": _round(total, 1), "tunnels": loaded, "ike_sas": ike_sas}
+            "relay_mb": _round(relay, 1), "total_mb": _round(total, 1), "tunnels": loaded, "ike_sas": ike_sas}
+
+
+def relay_rss_mb(agent_pid: int) -> float | None:
+    """RSS of the GMN agent's HA relay process (its child), if it runs."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if b"protego.gmn.ha_service" in f.read():
+                    return rss_mb(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def _site_bulk_conn(site: Any, tenant: Any, name: str, rid: str, prefix: str) -> dict[str, Any]:
