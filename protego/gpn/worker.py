@@ -63,6 +63,9 @@ BATCH = 64  # datagrams drained per socket per round
 SEQ_HOLD = 0.2  # seconds a packet may wait for a sequence block before it is dropped
 SEQ_HOLD_PACKETS = 512  # packets one SA may have waiting for a sequence block
 SEQ_RETRY = 0.0005  # seconds between retries while packets wait for a sequence block
+ROUTE_HOLD = 0.1  # seconds a tenant frame may wait for its tunnel's route (being installed)
+ROUTE_HOLD_PACKETS = 1024  # tenant frames waiting for a route, all tunnels together
+NO_ROUTE = "no-route"  # _encap_frame: no route (yet) for the frame's tunnel
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 RECV_BUF = 65536
@@ -75,7 +78,7 @@ COUNTERS = (
     "no_tunnel", "no_outbound_sa", "no_host", "ts_mismatch", "seq_blocked", "seq_waits", "sa_exhausted",
     "bad_vxlan", "send_errors", "ike_ignored", "keepalives",
     "hb_probes", "hb_tag_answers", "gro_batches", "gso_sends", "internal_errors", "spi_late_installs",
-    "egress_late_updates", "seq_held",
+    "egress_late_updates", "seq_held", "route_held", "route_waits",
 )
 
 
@@ -208,6 +211,9 @@ class Worker:
         self._vx_heads: dict[tuple[int, int], tuple[bytes, str]] = {}  # (vni, dst) -> (VXLAN+Ethernet, VTEP)
         # outbound SPI -> frames waiting for a sequence block: (arrival time, frame)
         self._seq_held: dict[int, collections.deque[tuple[float, Any]]] = {}
+        # tenant frames whose tunnel has no route here yet: the GEN may switch a tunnel to
+        # this GPN a moment before the control request with its outbound SA reaches us
+        self._route_held: collections.deque[tuple[float, Any]] = collections.deque()
         self._running = True
         self._buf = bytearray(RECV_BUF)
         self._view = memoryview(self._buf)
@@ -441,14 +447,23 @@ class Worker:
         if held is not None:  # keep the SA's packets in order behind those already waiting
             self._hold(held, f, self._now)
             return
-        if not self._encap_frame(f) and spi is not None:
+        r = self._encap_frame(f, hold_route=True)
+        if r is NO_ROUTE:
+            if len(self._route_held) >= ROUTE_HOLD_PACKETS:
+                self.c["no_tunnel" if spi is None else "no_outbound_sa"] += 1
+            else:
+                self._route_held.append((self._now, f))
+                self.c["route_held"] += 1
+        elif not r and spi is not None:
             self._hold(self._seq_held.setdefault(spi, collections.deque()), f, self._now)
 
-    def _encap_frame(self, f: Any) -> bool:
+    def _encap_frame(self, f: Any, hold_route: bool = False) -> bool | str:
         """Encrypt one tenant frame for its tunnel's outbound SA and queue it for sending
         (or count why not). False when no sequence block can be had right now: another
         worker's round holds the window (it gives its blocks back once its batch is
-        sent), and the caller holds the frame instead of dropping it."""
+        sent), and the caller holds the frame instead of dropping it. ``NO_ROUTE`` (with
+        ``hold_route``) when the tunnel has no route or outbound SA here yet, instead of
+        counting the frame dropped."""
         for attempt in (0, 1, 2):
             spi = self.egress.lookup(f.vni, f.src, f.dst)
             st = self.out.get(spi) if spi is not None else None
@@ -459,6 +474,8 @@ class Worker:
                     self._control()
                     self.c["egress_late_updates"] += 1
                     continue
+                if hold_route:
+                    return NO_ROUTE
                 self.c["no_tunnel" if spi is None else "no_outbound_sa"] += 1
                 return True
             seq = None
@@ -527,6 +544,26 @@ class Worker:
                 q.popleft()
                 self.c["seq_waits"] += 1
 
+    def _retry_routes(self) -> None:
+        """Frames waiting for their tunnel's route, in arrival order: sent once the route
+        is here, dropped (as no_tunnel / no_outbound_sa) after ROUTE_HOLD."""
+        now = time.time()
+        if self.conn is not None and self.conn.poll():
+            self._control()
+        for _ in range(len(self._route_held)):
+            since, f = self._route_held.popleft()
+            may_wait = now - since < ROUTE_HOLD
+            r = self._encap_frame(f, hold_route=may_wait)
+            if r is NO_ROUTE:
+                self._route_held.append((since, f))
+                continue
+            if may_wait:
+                self.c["route_waits"] += 1  # its route arrived while it waited
+            if not r:
+                spi = self.egress.lookup(f.vni, f.src, f.dst)
+                if spi is not None:
+                    self._hold(self._seq_held.setdefault(spi, collections.deque()), f, since)
+
     # ------------------------------------------------------------------ send
     def _send_groups(self, sock: socket.socket, pkts: list[bytes], addr: tuple[str, int],
                      base_cmsgs: list[tuple[int, int, bytes]]) -> int:
@@ -593,7 +630,7 @@ class Worker:
         self._now = time.time()
         while self._running:
             try:
-                events = ep.poll(SEQ_RETRY if self._seq_held else 1.0)
+                events = ep.poll(SEQ_RETRY if self._seq_held or self._route_held else 1.0)
             except InterruptedError:
                 continue
             self._now = time.time()
@@ -606,6 +643,8 @@ class Worker:
                     self._flush()
                     if self.leases is not None:
                         self.leases.release_all()
+                if self._route_held:
+                    self._retry_routes()
                 if self._seq_held:
                     self._retry_held()
                     self._flush()

@@ -178,8 +178,9 @@ def test_engine_over_loopback(workers: int, suite: Suite) -> None:
         assert len(st.pids) == workers
         eng.remove_sa(gout)
         tx.sendto(build_vxlan(1001, b"\x02\0\0\0\0\x01", out_inner, HOST_MAC), ("127.0.0.1", vx))
-        time.sleep(0.1)
-        assert eng.stats().counters["no_outbound_sa"] == 1
+        time.sleep(0.4)  # it waits ROUTE_HOLD for a route first
+        c = eng.stats().counters
+        assert c["no_outbound_sa"] == 1 and c["route_held"] == 1 and c.get("route_waits", 0) == 0
         tx.close()
     finally:
         eng.stop()
@@ -214,3 +215,30 @@ def test_inbound_update_keeps_the_replay_window() -> None:
     w._on_esp_udp(first, ("127.0.0.5", 4600), 0)  # still a replay
     assert w.dec.drops.as_dict()["replayed"] == 1
     assert w.dec.get(0x1001).stats.packets == 1  # type: ignore[union-attr]
+
+
+def test_a_frame_waits_briefly_for_its_tunnels_route() -> None:
+    """The GEN may switch a tunnel to this GPN a moment before the control request with
+    its outbound SA arrives: the frame waits (ROUTE_HOLD) instead of being dropped; a
+    frame whose route never comes is dropped after that, counted as before."""
+    from protego.gpn import worker as wmod
+
+    w = offline_worker()
+    key = os.urandom(20)
+    inner = build_ipv4_header("10.1.0.10", "10.201.0.10", 17, 100) + os.urandom(100)
+    frame = build_vxlan(1001, b"\x02\0\0\0\0\x01", inner, HOST_MAC)
+    w._on_vxlan(frame, ("127.0.0.3", 4789), 0)
+    assert w.c["route_held"] == 1 and w.c["no_tunnel"] == 0 and not w._esp_q
+    # the route arrives: the held frame goes out on the next retry
+    w._handle(("add", _wire(record(0x2002, "out", key, ("127.0.0.5", 4500))), None, 0))
+    w._handle(("egress", [(1001, ((0x0A010000, 0x0A0100FF),), ((0x0AC90000, 0x0AC900FF),), 0x2002)]))
+    w._retry_routes()
+    assert w.c["route_waits"] == 1 and not w._route_held and sum(len(q) for q in w._esp_q.values()) == 1
+    # no route ever: held, then dropped as no_tunnel once ROUTE_HOLD has passed
+    other = build_vxlan(1002, b"\x02\0\0\0\0\x01", inner, HOST_MAC)
+    w._on_vxlan(other, ("127.0.0.3", 4789), 0)
+    assert len(w._route_held) == 1 and w.c["no_tunnel"] == 0
+    since, f = w._route_held[0]
+    w._route_held[0] = (since - wmod.ROUTE_HOLD - 0.01, f)
+    w._retry_routes()
+    assert not w._route_held and w.c["no_tunnel"] == 1 and w.c["route_waits"] == 1
