@@ -490,9 +490,7 @@ class GmnAgent:
             for name in list(self.state.loaded):
                 if name not in desired:
                     self.state.loaded.pop(name)
-        was_ok, self._conns_ok = self._conns_ok, self.server.connected
-        if self._conns_ok != was_ok and self.ha is not None:
-            self.ha.set_charon(self._charon_pid(), self._conns_ok)
+        self._conns_ok = self.server.connected  # the loop tells the HA relay right after
         if self.state.leader:
             self._forget_removed_tunnels()
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from protego.control.model import PREFIX
@@ -165,9 +165,10 @@ class HaService:
         self._feed.set()
 
     # ------------------------------------------------------------------ etcd entries
-    def etcd_entries(self) -> dict[bytes, list[bytes]]:
+    @staticmethod
+    def _entries(kvs: Iterable[Any]) -> dict[bytes, list[bytes]]:
         out: dict[bytes, list[bytes]] = {}
-        for kv in self.view.items(ha.HA_PREFIX):
+        for kv in kvs:
             ike = ha.key_ike_id(kv.key)
             if ike is None:
                 continue
@@ -177,18 +178,13 @@ class HaService:
                 log.warning("HA entry %s unreadable (%s): ignored", kv.key[len(ha.HA_PREFIX):], exc)
         return out
 
+    def etcd_entries(self) -> dict[bytes, list[bytes]]:
+        """The mirror as the watch has it."""
+        return self._entries(self.view.items(ha.HA_PREFIX))
+
     def _fresh_entries(self) -> dict[bytes, list[bytes]]:
         """The mirror as etcd has it now (a linearizable read, not the watch's copy)."""
-        _rev, kvs = self.etcd.get_prefix(ha.HA_PREFIX)
-        out: dict[bytes, list[bytes]] = {}
-        for kv in kvs:
-            ike = ha.key_ike_id(kv.key)
-            if ike is not None:
-                try:
-                    out[ike] = ha.decode_entry(kv.value)
-                except ha.HaFormatError:
-                    continue
-        return out
+        return self._entries(self.etcd.get_prefix(ha.HA_PREFIX)[1])
 
     # ------------------------------------------------------------------ standby: feed charon
     def _feeder_loop(self) -> None:
@@ -614,7 +610,7 @@ def _serve(svc: HaService, out: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from protego.store.etcd import Etcd as _Etcd
+    from protego.context import CliContext
 
     ap = argparse.ArgumentParser(prog="python -m protego.gmn.ha_service",
                                  description="The GMN agent's HA relay (started by `protego gmn run`).")
@@ -628,10 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = os.environ  # credentials as the agent has them (never on a command line)
-    etcd = _Etcd([e for e in a.etcd.split(",") if e], user=env.get("PROTEGO_ETCD_USER") or None,
-                 password=env.get("PROTEGO_ETCD_PASSWORD") or None, ca_cert=env.get("PROTEGO_ETCD_CACERT") or None,
-                 cert_key=env.get("PROTEGO_ETCD_KEY") or None, cert_cert=env.get("PROTEGO_ETCD_CERT") or None)
+    # the same client as the agent's: credentials from its environment, never a command line
+    ctx = CliContext(etcd_option=a.etcd)
+    etcd = ctx.etcd()
     try:  # replication latency is a target: ahead of the agents' reconcile loops for the CPU
         os.setpriority(os.PRIO_PROCESS, 0, RELAY_NICE)
     except OSError as exc:
@@ -640,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _serve(svc, sys.stdout)
     finally:
-        etcd.close()
+        ctx.close()
     return 0
 
 
