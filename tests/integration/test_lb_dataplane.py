@@ -217,8 +217,8 @@ def test_per_tunnel_rate_limits_both_ways_and_live_change(lab: Lab) -> None:
         lab.wait_element(spi, chain_suffix(lab, g))
     time.sleep(0.3)
     rx = {n: lab.receiver(n) for n in ("gpn1", "gpn2")}
-    lab.send("peer", [f"esp:{VIP_A}:0x1401:1000:1000", f"esp:{VIP_B}:0x1402:2000:1000",
-                           f"esp:{VIP_C}:0x1403:1000:1000"], duration=5.0)
+    sent = lab.send("peer", [f"esp:{VIP_A}:0x1401:1000:1000", f"esp:{VIP_B}:0x1402:2000:1000",
+                                  f"esp:{VIP_C}:0x1403:1000:1000"], duration=5.0)
     time.sleep(0.3)
     got = {n: lab.collect(*rx[n]) for n in rx}
     a = _steady_rate(got["gpn1"]["esp:0x1401"])
@@ -231,7 +231,12 @@ def test_per_tunnel_rate_limits_both_ways_and_live_change(lab: Lab) -> None:
     assert abs(a / 500_000 - 1) < 0.02, a
     assert abs(b / 1_000_000 - 1) < 0.02, b
     assert abs(c / 1_000_000 - 1) < 0.02, c
-    assert got["gpn1"]["esp:0x1403"]["packets"] == 5000  # unlimited tunnel: nothing dropped
+    # unlimited tunnel: nothing dropped. A paced sender stops at its deadline, so it may send a
+    # packet or two fewer than 5 s x 1000 pps on a loaded machine: compare with what it sent.
+    initech_sent = sent[f"esp:{VIP_C}:0x1403"]
+    assert initech_sent >= 4900, sent
+    assert got["gpn1"]["esp:0x1403"]["packets"] == initech_sent
+    assert got["gpn1"]["esp:0x1403"]["seq_ranges"] == [[1, initech_sent]]
 
     # live change of one tunnel's rate; the other tunnel's object stays untouched
     before = lab.sh("lb", "nft", "list", "limits", "table", "ip", "protego_gin").stdout
@@ -270,7 +275,9 @@ def test_per_tunnel_rate_limits_both_ways_and_live_change(lab: Lab) -> None:
     # outer packet = 472 inner + 50 VXLAN/UDP/IP/Ethernet = 522 bytes; 1000 pps offered = 2.09x
     assert abs(out_rate / 250_000 - 1) < 0.02, out_rate
     # overlapping tenant prefixes stay apart: globex's 10.1.0.10 reaches gpn2 by its VNI only
-    assert got["gpn2"]["vxlan:1002:10.202.0.10:9002"]["packets"] == 1000
+    globex_sent = res["t-globex-h1"]["plain:10.202.0.10:0x232a"]
+    assert globex_sent >= 980, res
+    assert got["gpn2"]["vxlan:1002:10.202.0.10:9002"]["packets"] == globex_sent
     assert not any(k.startswith("vxlan:1002") for k in got["gpn1"]), {k: v["packets"] for k, v in got["gpn1"].items()}
     assert not any(k.startswith("vxlan:1001") for k in got["gpn2"])
     # globex towards acme's site prefix has no tunnel: dropped at the GEN
