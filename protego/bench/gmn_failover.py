@@ -175,7 +175,7 @@ def wait_takeover(tb: Any, new: str, spis: dict[str, str], timeout: float = 15.0
 
 
 # ---------------------------------------------------------------------------- the run
-def run_gmn_failover(trials: int, mode: str, progress: Progress) -> dict[str, Any]:
+def run_gmn_failover(trials: int, mode: str, progress: Progress, keep_logs: str | None = None) -> dict[str, Any]:
     from protego.gmn.ha import histogram_quantile
     from protego.testbed import testbed as tbmod
     from protego.testbed.probe import UdpProbe
@@ -251,6 +251,11 @@ def run_gmn_failover(trials: int, mode: str, progress: Progress) -> dict[str, An
                 p.stop()
             except Exception:  # noqa: BLE001 - cleanup
                 pass
+        if keep_logs:
+            import shutil
+
+            shutil.copytree(tb.state.logs, keep_logs, dirs_exist_ok=True)
+            progress(f"testbed logs copied to {keep_logs}")
         tbmod.down(name)
     def quantile(field: str, q: float) -> float | None:
         """Over both GMNs' samples of the run (the histograms merged)."""
@@ -271,6 +276,10 @@ def run_gmn_failover(trials: int, mode: str, progress: Progress) -> dict[str, An
         "replication_ms_p99": quantile("latency", 0.99),
         "replication_ms_p50": quantile("latency", 0.5),
         "replication_ms_p99_steady": quantile("latency_steady", 0.99),
+        # the replication time split: waiting for the txn that carries it, and that txn
+        "replication_queue_ms_p99": quantile("latency_queue", 0.99),
+        "replication_txn_ms_p50": quantile("latency_txn", 0.5),
+        "replication_txn_ms_p99": quantile("latency_txn", 0.99),
         "replication_samples": samples,
         "takeover_ms": round(statistics.median(takeovers), 1) if takeovers else None,
         "takeover_max_ms": max(takeovers) if takeovers else None,
@@ -304,6 +313,9 @@ def format_table(res: dict[str, Any]) -> str:
         ["replication_ms_p99", str(res["replication_ms_p99"]), *t("replication_ms_p99")],
         ["replication_ms p50", str(res["replication_ms_p50"]), "-", "-"],
         ["replication_ms p99, > 1 s after takeovers", str(res["replication_ms_p99_steady"]), "-", "-"],
+        ["  of which queued before the txn, p99", str(res.get("replication_queue_ms_p99")), "-", "-"],
+        ["  etcd txn p50 / p99", f"{res.get('replication_txn_ms_p50')} / {res.get('replication_txn_ms_p99')}",
+         "-", "-"],
         ["takeover_ms (median)", str(res["takeover_ms"]), *t("takeover_ms")],
         ["takeover_ms (max)", str(res["takeover_max_ms"]), "-", "-"],
         ["standby active (median ms)", str(res["active_ms_median"]), "-", "-"],
@@ -324,14 +336,17 @@ def format_table(res: dict[str, Any]) -> str:
 @click.option("--trials", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--mode", type=click.Choice(["charon", "link"]), default="charon", show_default=True,
               help="charon: SIGKILL of the active GMN's charon; link: the active GMN's links go down.")
-def bench_gmn_failover(as_json: bool, trials: int, mode: str) -> None:
+@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
+              help="Copy the testbed's logs (agents, relays, charons) into this directory before teardown.")
+def bench_gmn_failover(as_json: bool, trials: int, mode: str, keep_logs: str | None) -> None:
     """The active GMN fails under traffic: replication latency, takeover time, ESP loss."""
     from protego.errors import ProtegoError
 
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespaces, charon, etcd)")
     try:
-        res = run_gmn_failover(trials, mode, lambda m: click.echo(f"[bench gmn-failover] {m}", err=True))
+        res = run_gmn_failover(trials, mode, lambda m: click.echo(f"[bench gmn-failover] {m}", err=True),
+                               keep_logs)
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(res) if as_json else format_table(res))

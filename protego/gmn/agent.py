@@ -33,7 +33,7 @@ from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
 from protego.lb.model import validate_steer_in, validate_steer_out
 from protego.gmn.placement import GpnView, NoGpnError, choose_gpn
-from protego.gmn.ha_service import HaProcess
+from protego.gmn.ha_service import RELAY_RT_PRIORITY, HaProcess
 from protego.gmn.plugin_server import Counters, Event, PluginServer
 from protego.gmn.records import (
     Owner,
@@ -91,6 +91,7 @@ class GmnConfig:
     ha: bool = True  # mirror charon's IKE SAs through etcd (charon must load the ha plugin)
     ha_local: str = "127.0.0.2"  # charon's ha.remote: where this agent receives the stream
     ha_charon: str = "127.0.0.1"  # charon's ha.local
+    ha_rt_priority: int = RELAY_RT_PRIORITY  # the relay process's SCHED_RR priority (0: nice -10)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class GmnAgent:
         self.ha: HaProcess | None = None
         if cfg.ha:
             self.ha = HaProcess(cfg.node, list(cfg.etcd), cfg.vici_socket, LEADER_KEY, wake=self._kick,
-                                local=cfg.ha_local, charon=cfg.ha_charon,
+                                local=cfg.ha_local, charon=cfg.ha_charon, rt_priority=cfg.ha_rt_priority,
                                 verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
         self._conns_ok = False
         self._done_rev: tuple[int, int] | None = None

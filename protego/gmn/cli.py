@@ -35,15 +35,19 @@ def gmn() -> None:
 @click.option("--ha-listen", default="127.0.0.2", show_default=True,
               help="Address of charon's plugins.ha.remote (this agent receives the HA stream there, port 4510).")
 @click.option("--ha-charon", default="127.0.0.1", show_default=True, help="Address of charon's plugins.ha.local.")
+@click.option("--ha-rt-priority", type=click.IntRange(0, 99), default=10, show_default=True,
+              help="SCHED_RR priority of the HA relay process (replication latency is a target); "
+                   "0: the normal class at nice -10.")
 @click.pass_context
 def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str,
-        lease_ttl: int, resync_interval: float, no_vips: bool, no_ha: bool, ha_listen: str, ha_charon: str) -> None:
+        lease_ttl: int, resync_interval: float, no_vips: bool, no_ha: bool, ha_listen: str, ha_charon: str,
+        ha_rt_priority: int) -> None:
     """Run the GMN agent until SIGTERM/SIGINT."""
     from protego.gmn.agent import GmnAgent, GmnConfig
 
     obj = ctx.find_object(CliContext) or CliContext()
-    # the HA relay's datagram -> etcd path must not wait out 5 ms GIL slices of the
-    # reconcile loop (replication latency is a target)
+    # charon's kernel-protego calls are answered inside an IKE exchange: they must not
+    # wait out 5 ms GIL slices of the reconcile loop
     sys.setswitchinterval(0.0005)
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -51,7 +55,7 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
         cfg = GmnConfig(node=node, etcd=obj.etcd_endpoints(), vici_socket=vici_socket,
                         plugin_socket=plugin_socket, fabric_addr=fabric_addr, lease_ttl=lease_ttl,
                         resync_interval=resync_interval, manage_vips=not no_vips, ha=not no_ha,
-                        ha_local=ha_listen, ha_charon=ha_charon)
+                        ha_local=ha_listen, ha_charon=ha_charon, ha_rt_priority=ha_rt_priority)
         agent = GmnAgent(cfg, obj.etcd()).start()
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None

@@ -412,9 +412,19 @@ class HaSocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind((local, port))
         self.sock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def close(self) -> None:
         self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def wake(self) -> None:
+        """End a :meth:`receive` waiting in another thread now (it returns what it has)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already woken
 
     def send(self, datagrams: Iterable[bytes]) -> int:
         n = 0
@@ -434,9 +444,14 @@ class HaSocket:
     def receive(self, timeout: float) -> list[tuple[bytes, float]]:
         """Every datagram waiting (after up to ``timeout`` s for the first), each with its
         kernel receive time (``time.time()`` clock)."""
-        r, _, _ = select.select([self.sock], [], [], timeout)
+        r, _, _ = select.select([self.sock, self._wake_r], [], [], timeout)
         out: list[tuple[bytes, float]] = []
-        if not r:
+        if self._wake_r in r:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if self.sock not in r:
             return out
         while len(out) < 1024:
             try:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from protego.control.model import PREFIX
@@ -35,9 +36,10 @@ from protego.vici_client import ViciClient
 log = logging.getLogger(__name__)
 
 STATS_PREFIX = f"{PREFIX}gmn/ha/"
-RELAY_NICE = -10
-CHECK_INTERVAL = 5.0
-TAKEOVER_WINDOW_S = 1.0  # replication right after a takeover is also reported apart  # s between checks that the standby's charon holds the mirror
+RELAY_NICE = -10  # without the real-time class (--rt-priority 0, or not permitted)
+RELAY_RT_PRIORITY = 10  # SCHED_RR, like corosync's and keepalived's real-time option
+CHECK_INTERVAL = 5.0  # s between checks that the standby's charon holds the mirror
+TAKEOVER_WINDOW_S = 1.0  # replication right after a takeover is also reported apart
 VERIFY_TIMEOUT = 2.0  # longest wait for charon to hold every mirrored SA before activating
 
 
@@ -84,6 +86,11 @@ def _child_spis(msgs: list[bytes]) -> list[tuple[bytes, bytes]]:
     return out
 
 
+SLOW_MS = 20.0  # a replication slower than this (the target) is logged
+WRITERS = 4  # mirror transactions in flight at once (each for other IKE SAs)
+RETRY_MIN_S, RETRY_MAX_S = 0.02, 1.0  # back-off between mirror writes after etcd errors
+
+
 class HaService:
     """Relay, feeder and takeover. The agent tells it charon's pid, whether charon holds
     every connection, and the lease that fences the mirror writes; ``wake`` is called
@@ -106,6 +113,9 @@ class HaService:
         self.feeder = ha.HaFeeder()
         self.hist = ha.LatencyHistogram()
         self.hist_steady = ha.LatencyHistogram()  # not within TAKEOVER_WINDOW_S of an activation
+        # where the replication time goes: receive -> the txn carrying it starts, and the txn
+        self.hist_queue = ha.LatencyHistogram()
+        self.hist_txn = ha.LatencyHistogram()
         self.active = False
         self.fed_ok = False  # the local charon holds everything etcd mirrors (standby)
         self.counts = {"received": 0, "mirrored": 0, "ignored": 0, "malformed": 0, "fed": 0, "write_errors": 0,
@@ -114,8 +124,15 @@ class HaService:
         self._feed = threading.Event()
         self._stop = threading.Event()
         self._reset_feeder = True
-        self._dirty: dict[bytes, None] = {}
-        self._waiting: list[float] = []  # receive times of datagrams not yet in etcd
+        self._dirty: dict[bytes, None] = {}  # entries to write
+        self._busy: set[bytes] = set()  # entries with a write in flight
+        # per entry, the datagrams waiting for it: [kernel receive time, entries left to write]
+        self._pending: dict[bytes, list[list[float]]] = {}
+        self._retry_at = 0.0  # after an etcd error, no write before this (monotonic)
+        self._backoff = 0.0
+        self._epoch = 0  # activations: a write started before the last one is not counted
+        self._idle = threading.Condition(self._lock)
+        self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="gmn-ha-write")
         self._act_t = 0.0
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
@@ -145,8 +162,11 @@ class HaService:
     def stop(self) -> None:
         self._stop.set()
         self._feed.set()
+        if self.sock is not None:
+            self.sock.wake()
         for t in self._threads:
             t.join(5)
+        self._writers.shutdown(wait=True, cancel_futures=True)
         if self._watch is not None:
             self._watch.cancel()
         if self.sock is not None:
@@ -265,6 +285,9 @@ class HaService:
         """Called by the agent right after it won the election."""
         t0 = time.monotonic()
         with self._lock:
+            if not self._drain(VERIFY_TIMEOUT):  # writes of an earlier activation: let them land first
+                log.warning("HA takeover: %d mirror writes of an earlier activation still in flight",
+                            len(self._busy))
             entries = self._fresh_entries()
             self.mirror.load(entries)
             sent = self.feed_once(entries)
@@ -291,7 +314,9 @@ class HaService:
                 raise ProtegoError("charon is not connected: cannot activate its IKE SAs")
             self.active = True
             self._act_t = time.monotonic()
+            self._epoch += 1
             self._dirty.clear()
+            self._pending.clear()
             ha.write_fifo(pid, "+1")
         # charon applies the FIFO in its own thread: wait until no mirrored SA is passive
         # (the lock is free again: what the now active charon sends is mirrored meanwhile)
@@ -344,16 +369,20 @@ class HaService:
             changed = self.mirror.forget_child(spis, spi_in)
             for ike in changed:
                 self._dirty[ike] = None
-            if changed:
-                self._flush()
-            return bool(changed)
+        if changed and self.sock is not None:
+            # written by the relay loop's writers, with whatever charon sends meanwhile
+            self.sock.wake()
+        return bool(changed)
 
     # ------------------------------------------------------------------ active: relay to etcd
     def _relay_loop(self) -> None:
         while not self._stop.is_set():
             assert self.sock is not None
             try:
-                batch = self.sock.receive(0.2 if not self._dirty else 0.02)
+                # wakes at once on a datagram, on forget_child and when a write completes;
+                # sooner than 0.2 s only to retry after an etcd error
+                wait = 0.2 if not self._dirty else min(0.2, max(0.001, self._retry_at - time.monotonic()))
+                batch = self.sock.receive(wait)
             except OSError as exc:
                 if self._stop.is_set():
                     return
@@ -375,45 +404,105 @@ class HaService:
                     changed = self.mirror.apply(msg)
                     if msg.type in ha.MIRRORED:
                         log.debug("HA: %s %s", msg.type_name, msg.spis)
+                    sample = [ts, len(changed)]  # replicated once every entry it changed is written
                     for ike in changed:
                         self._dirty[ike] = None
-                    if changed:
-                        self._waiting.append(ts)
-                if not self.active or not self._dirty:
-                    continue
-                self._flush()
+                        self._pending.setdefault(ike, []).append(sample)
+                if self.active and self._dirty:
+                    self._dispatch()
 
-    def _flush(self) -> None:
-        """Write the dirty entries (lock held); on an etcd error they stay dirty."""
-        ops: list[Any] = []
-        for ike in list(self._dirty):
-            msgs = self.mirror.raw(ike)
-            key = ha.entry_key(ike)
-            ops.append(PutOp(key, ha.encode_entry(msgs)) if msgs is not None else DeleteOp(key))
-        fence = [lease_is(self.leader_key, self._lease_id())]
-        try:
-            for i in range(0, len(ops), ha.MAX_OPS):
-                if not self.etcd.txn(fence, ops[i:i + ha.MAX_OPS]).succeeded:
-                    self.counts["fenced"] += 1
-                    log.error("HA: %s is no longer the leader: mirror writes refused", self.node)
-                    self.active = False
-                    self._dirty.clear()
-                    self._waiting.clear()
-                    threading.Thread(target=self._wake, daemon=True).start()
-                    return
-        except ProtegoError as exc:
-            self.counts["write_errors"] += 1
-            log.warning("HA: mirror write failed (%s); retrying", exc)
+    def _dispatch(self) -> None:
+        """Start the writes of the dirty entries that have none in flight (lock held).
+
+        Writes are pipelined across entries, up to ``WRITERS`` transactions at once, but
+        never two for one entry: an entry's next write starts once etcd acknowledged the
+        previous one, so etcd sees each entry's versions in order. A write carries the
+        entry as it is when the write starts, so what changed meanwhile goes in the next.
+        """
+        if time.monotonic() < self._retry_at:
+            return  # backing off after an etcd error
+        ready = [ike for ike in self._dirty if ike not in self._busy]
+        if not ready:
             return
-        now = time.time()
-        for ts in self._waiting:
-            self.hist.add((now - ts) * 1000)
-            if time.monotonic() - self._act_t > TAKEOVER_WINDOW_S:
-                self.hist_steady.add((now - ts) * 1000)
+        fence = [lease_is(self.leader_key, self._lease_id())]
+        for i in range(0, len(ready), ha.MAX_OPS):
+            chunk = ready[i:i + ha.MAX_OPS]
+            ops: list[Any] = []
+            samples: dict[bytes, list[list[float]]] = {}
+            for ike in chunk:
+                del self._dirty[ike]
+                self._busy.add(ike)
+                samples[ike] = self._pending.pop(ike, [])
+                msgs = self.mirror.raw(ike)
+                key = ha.entry_key(ike)
+                ops.append(PutOp(key, ha.encode_entry(msgs)) if msgs is not None else DeleteOp(key))
+            self._writers.submit(self._write, self._epoch, fence, ops, samples)
 
-        self.counts["mirrored"] += len(self._waiting)
-        self._waiting.clear()
-        self._dirty.clear()
+    def _write(self, epoch: int, fence: list[Any], ops: list[Any], samples: dict[bytes, list[list[float]]]) -> None:
+        """One mirror transaction (a writer thread), then its bookkeeping."""
+        t_start = time.time()
+        try:
+            ok: bool | None = self.etcd.txn(fence, ops).succeeded
+            err: ProtegoError | None = None
+        except ProtegoError as exc:
+            ok, err = None, exc
+        except Exception as exc:  # noqa: BLE001 - a writer thread must always hand its entries back
+            ok, err = None, ProtegoError(f"mirror write: {exc}")
+        now = time.time()
+        with self._lock:
+            for ike in samples:
+                self._busy.discard(ike)
+            if epoch != self._epoch or not self.active:
+                self._idle.notify_all()
+                return  # written for an earlier activation: activate() re-reads etcd anyway
+            if ok is None:
+                self.counts["write_errors"] += 1
+                self._backoff = min(RETRY_MAX_S, max(RETRY_MIN_S, self._backoff * 2))
+                self._retry_at = time.monotonic() + self._backoff
+                log.warning("HA: mirror write failed (%s); retrying in %.2f s", err, self._backoff)
+                for ike, lst in samples.items():
+                    self._dirty[ike] = None
+                    self._pending[ike] = lst + self._pending.get(ike, [])
+            elif not ok:
+                self.counts["fenced"] += 1
+                log.error("HA: %s is no longer the leader: mirror writes refused", self.node)
+                self.active = False
+                self._dirty.clear()
+                self._pending.clear()
+                threading.Thread(target=self._wake, daemon=True).start()
+            else:
+                self._backoff = 0.0
+                self.hist_txn.add((now - t_start) * 1000)
+                done = [smp for lst in samples.values() for smp in lst]
+                oldest = min((smp[0] for smp in done), default=now)
+                if (now - oldest) * 1000 > SLOW_MS:
+                    log.info("HA: slow mirror write: %d entr%s, oldest change queued %.1f ms, txn %.1f ms "
+                             "(%d in flight)", len(ops), "y" if len(ops) == 1 else "ies",
+                             (t_start - oldest) * 1000, (now - t_start) * 1000, len(self._busy))
+                steady = time.monotonic() - self._act_t > TAKEOVER_WINDOW_S
+                for smp in done:
+                    smp[1] -= 1
+                    if smp[1] > 0:
+                        continue  # another entry it changed is still on its way
+                    self.counts["mirrored"] += 1
+                    self.hist_queue.add((t_start - smp[0]) * 1000)
+                    self.hist.add((now - smp[0]) * 1000)
+                    if steady:
+                        self.hist_steady.add((now - smp[0]) * 1000)
+            self._idle.notify_all()
+            more = bool(self._dirty)
+        if more and self.sock is not None:
+            self.sock.wake()  # entries that changed while this write was in flight
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait until no mirror write is in flight (lock held)."""
+        deadline = time.monotonic() + timeout
+        while self._busy:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._idle.wait(left)
+        return True
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict[str, Any]:
@@ -421,6 +510,7 @@ class HaService:
             entries = len(self.mirror.entries) if self.active else len(self.view.items(ha.HA_PREFIX))
             return {"node": self.node, "active": self.active, "fed_ok": self.fed_ok, "entries": entries,
                     **self.counts, "latency": self.hist.snapshot(), "latency_steady": self.hist_steady.snapshot(),
+                    "latency_queue": self.hist_queue.snapshot(), "latency_txn": self.hist_txn.snapshot(),
                     "time": time.time()}
 
     def _stats_loop(self) -> None:
@@ -446,9 +536,10 @@ class HaProcess:
 
     def __init__(self, node: str, endpoints: list[str], vici_socket: str, leader_key: str,
                  wake: Callable[[], None], local: str = ha.AGENT_HA_ADDR, charon: str = ha.CHARON_HA_ADDR,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, rt_priority: int = RELAY_RT_PRIORITY) -> None:
         self.argv = [sys.executable, "-m", "protego.gmn.ha_service", "--node", node, "--etcd", ",".join(endpoints),
-                     "--vici", vici_socket, "--leader-key", leader_key, "--local", local, "--charon", charon]
+                     "--vici", vici_socket, "--leader-key", leader_key, "--local", local, "--charon", charon,
+                     "--rt-priority", str(rt_priority)]
         if verbose:
             self.argv.append("--verbose")
         self._wake = wake
@@ -607,6 +698,29 @@ def _serve(svc: HaService, out: Any) -> None:
     svc.stop()
 
 
+def raise_priority(rt_priority: int) -> str:
+    """Put this process ahead of the agents for the CPU before it starts any thread (the
+    threads, gRPC's included, inherit the policy). Replication latency is a target, and
+    on a busy host it is scheduling delay, not work (docs/gmn-ha.md): with ``rt_priority``
+    the round-robin real-time class, otherwise, or if that is not permitted, nice
+    ``RELAY_NICE``. The kernel's real-time throttling (``sched_rt_runtime_us``) still
+    leaves the other processes their share should the relay ever spin."""
+    if rt_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(rt_priority))
+            log.info("HA relay runs SCHED_RR priority %d", rt_priority)
+            return "rr"
+        except OSError as exc:
+            log.warning("HA relay cannot use the real-time class (%s): nice %d instead",
+                        exc.strerror, RELAY_NICE)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, RELAY_NICE)
+        return "nice"
+    except OSError as exc:
+        log.info("HA relay keeps its priority (%s)", exc.strerror)
+        return "normal"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -620,17 +734,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leader-key", required=True)
     ap.add_argument("--local", default=ha.AGENT_HA_ADDR)
     ap.add_argument("--charon", default=ha.CHARON_HA_ADDR)
+    ap.add_argument("--rt-priority", type=int, default=RELAY_RT_PRIORITY,
+                    help="SCHED_RR priority (1-99) of the relay; 0: normal class at nice %d" % RELAY_NICE)
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
+    if not 0 <= a.rt_priority <= 99:
+        ap.error(f"--rt-priority must be 0 (off) to 99, got {a.rt_priority}")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_priority(a.rt_priority)  # before gRPC starts its threads
     # the same client as the agent's: credentials from its environment, never a command line
     ctx = CliContext(etcd_option=a.etcd)
     etcd = ctx.etcd()
-    try:  # replication latency is a target: ahead of the agents' reconcile loops for the CPU
-        os.setpriority(os.PRIO_PROCESS, 0, RELAY_NICE)
-    except OSError as exc:
-        log.info("HA relay keeps its priority (%s)", exc.strerror)
     svc = HaService(a.node, etcd, a.vici, a.leader_key, local=a.local, charon=a.charon)
     try:
         _serve(svc, sys.stdout)

@@ -42,6 +42,19 @@ KERNEL_PROTEGO_SO = "/usr/lib/ipsec/plugins/libstrongswan-kernel-protego.so"
 SWANCTL = "/usr/sbin/swanctl"
 TESTBED_ETCD_PREFIX = "/protego-testbed/"
 GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shortest etcd grants)
+# etcd shares this host's CPUs with every role here; in the round-robin real-time class it
+# answers the GMN's mirror writes without waiting behind the agents and the engines
+# (docs/gmn-ha.md, "Replication latency"). Below the HA relays' 10.
+ETCD_RT_PRIORITY = 5
+
+
+def rt_permitted() -> bool:
+    """Whether this host lets us start processes in the real-time class (not in every
+    container: CAP_SYS_NICE, and a cgroup with real-time budget)."""
+    try:
+        return subprocess.run(["chrt", "--rr", "1", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 Progress = Callable[[str], None]
 
@@ -200,9 +213,12 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
         st.extra["etcd"] = state
         st.save()
 
+    rt = ETCD_RT_PRIORITY if rt_permitted() else 0
+    if not rt:
+        progress("etcd runs in the normal scheduling class (the real-time class is not permitted here)")
     cluster = EtcdCluster(
         f"{st.name}-etcd", str(st.root / "etcd"), str(st.logs), members=topo.etcd_members,
-        client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"), on_state=journal_etcd,
+        client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"), on_state=journal_etcd, rt_priority=rt,
     )
     journal_etcd(cluster.state())
     cluster.start(wait=True)

@@ -305,6 +305,7 @@ def test_gmn_agent_unit(host: str) -> None:
     assert params["vici_socket"] == v["protego_gmn_vici_socket"]
     assert params["plugin_socket"] == v["protego_gmn_plugin_socket"]
     assert params["no_vips"] is False
+    assert params["ha_rt_priority"] == 10
     assert cp.get("Unit", "Before") == "protego-charon.service"
     assert cp.get("Service", "EnvironmentFile") == "-/etc/protego/etcd-client.env"
     assert cp.get("Service", "RuntimeDirectory") == "protego/gmn"
@@ -317,7 +318,8 @@ def test_gmn_agent_unit(host: str) -> None:
 
 def test_gmn_agent_unit_options() -> None:
     cp = unit(render("protego_gmn", "protego-gmn-agent.service.j2", "gmn2", protego_gmn_manage_vips=False,
-                     protego_log_level=2, protego_gmn_lease_ttl=7, protego_gmn_extra_args=["--resync", "60"]))
+                     protego_log_level=2, protego_gmn_lease_ttl=7, protego_gmn_extra_args=["--resync", "60"],
+                     protego_gmn_ha_rt_priority=0))
     argv = _exec_argv(cp)
     assert argv[1:3] == ["-v", "-v"]
     top, _, params = _parse_cli(_split_protego(argv))
@@ -325,6 +327,7 @@ def test_gmn_agent_unit_options() -> None:
     assert params["no_vips"] is True
     assert params["lease_ttl"] == 7
     assert params["resync_interval"] == 60.0
+    assert params["ha_rt_priority"] == 0
 
 
 @pytest.mark.parametrize("host", GROUPS["gmn"])
@@ -510,6 +513,10 @@ def test_etcd_role_talks_to_its_member_where_it_listens() -> None:
 def test_etcd_dropin_is_a_unit_fragment() -> None:
     cp = unit(render("protego_etcd", "etcd-dropin.conf.j2", "etcd1"))
     assert cp.get("Service", "Restart") == "on-failure"
+    assert not cp.has_option("Service", "CPUSchedulingPolicy")  # dedicated etcd hosts: normal class
+    cp = unit(render("protego_etcd", "etcd-dropin.conf.j2", "etcd1", protego_etcd_rt_priority=5))
+    assert cp.get("Service", "CPUSchedulingPolicy") == "rr"
+    assert cp.get("Service", "CPUSchedulingPriority") == "5"
 
 
 # --------------------------------------------------------------------------- #

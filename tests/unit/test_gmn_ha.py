@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -203,3 +206,19 @@ def test_prune_plan_deletes_what_the_mirror_does_not_hold() -> None:
     assert plan == [ha.child_delete(a, (0xC0000001).to_bytes(4, "little")),
                     ha.ike_delete(gone[:-1] + b"\0"), ha.ike_delete(gone[:-1] + b"\1")]
     assert prune_plan(entries, {ha.ike_spis(a): "PASSIVE"}, {0xC0000002: ha.ike_spis(a)}) == []
+
+
+@pytest.mark.parametrize("prio", [7, 0])
+def test_relay_priority_is_real_time_or_nice(prio: int) -> None:
+    from protego.testbed.testbed import rt_permitted
+
+    code = ("import os, threading; from protego.gmn.ha_service import raise_priority; "
+            f"how = raise_priority({prio}); seen = []; "
+            "t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0))); t.start(); t.join(); "
+            "print(how, os.sched_getscheduler(0), seen[0], os.getpriority(os.PRIO_PROCESS, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    how, policy, thread_policy, nice = out.stdout.split()
+    if prio and rt_permitted():
+        assert (how, int(policy), int(thread_policy)) == ("rr", os.SCHED_RR, os.SCHED_RR)  # threads inherit it
+    else:
+        assert (how, int(policy), int(nice)) == ("nice", os.SCHED_OTHER, -10)

@@ -16,6 +16,7 @@ import pytest
 
 from protego.errors import ConfigError, PeerError
 from protego.store import server as S
+from tests.conftest import unique_name
 
 
 @pytest.fixture
@@ -186,3 +187,35 @@ def test_on_state_sees_pids_as_soon_as_spawned_and_rollback(tmp_path: Path) -> N
         c.start()
     assert seen[0][0] is not None  # the PID was handed over right after spawn
     assert c.pids == [None] and not S.proc_alive(seen[0][0])
+
+
+def test_etcd_command_in_the_real_time_class() -> None:
+    argv = S.etcd_command(name="tb-0", data_dir="/d", client_url="u", peer_url="p", initial_cluster="c",
+                          cluster_token="t", netns="tb-etcd", rt_priority=5)
+    # chrt and ip both exec: the PID recorded is etcd's
+    assert argv[:8] == ["ip", "netns", "exec", "tb-etcd", "chrt", "--rr", "5", S.ETCD_BIN]
+    for bad in (-1, 100):
+        with pytest.raises(ConfigError, match="real-time priority"):
+            S.etcd_command(name="tb-0", data_dir="/d", client_url="u", peer_url="p", initial_cluster="c",
+                           cluster_token="t", rt_priority=bad)
+
+
+def test_real_time_member_runs_every_thread_sched_rr(tmp_path: Path) -> None:
+    from protego.testbed.testbed import rt_permitted
+
+    if not rt_permitted():
+        pytest.skip("this host does not permit the real-time class (chrt --rr fails): nothing to check")
+    c = S.EtcdCluster(unique_name("rt"), tmp_path / "d", tmp_path / "l", rt_priority=3)
+    assert S.EtcdCluster.from_state(c.state()).members[0].command() == c.members[0].command()
+    c.start(wait=True)
+    try:
+        pid = c.pids[0]
+        assert pid is not None
+        assert "--data-dir=" in Path(f"/proc/{pid}/cmdline").read_text()
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert len(tids) > 1  # the Go runtime's threads too, not only the first
+        for tid in tids:
+            assert os.sched_getscheduler(tid) == os.SCHED_RR, tid
+            assert os.sched_getparam(tid).sched_priority == 3
+    finally:
+        c.destroy()
