@@ -252,10 +252,7 @@ def run_gmn_failover(trials: int, mode: str, progress: Progress, keep_logs: str 
             except Exception:  # noqa: BLE001 - cleanup
                 pass
         if keep_logs:
-            import shutil
-
-            shutil.copytree(tb.state.logs, keep_logs, dirs_exist_ok=True)
-            progress(f"testbed logs copied to {keep_logs}")
+            progress(f"testbed logs copied to {tbmod.copy_logs(tb, keep_logs)}")
         tbmod.down(name)
     def quantile(field: str, q: float) -> float | None:
         """Over both GMNs' samples of the run (the histograms merged)."""

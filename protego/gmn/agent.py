@@ -24,6 +24,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,10 @@ class _State:
     rekey_asked: dict[tuple[str, str], float] = field(default_factory=dict)  # failed-GPN recoveries
     no_gpn_logged: float = -1e9
     deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
+    # inbound SAs of rekeys we initiated, placed but not yet acknowledged: (GPN, revision);
+    # charon's next call, the same CHILD_SA's outbound SA, waits for them
+    unacked_in: dict[tuple[str, str], tuple[str, int, int]] = field(default_factory=dict)
+    switched_at: dict[tuple[str, str], float] = field(default_factory=dict)  # both directions acknowledged
 
 
 class GmnAgent:
@@ -599,8 +604,6 @@ class GmnAgent:
             # steering are in place already; placing it again could move it
             log.debug("tunnel %s/%s: SA %08x already recorded: adopted", t, tun, sa.spi)
             return
-        moving = False
-        steer_ops: list[Any] = []
         with self._sa_lock:
             placement = self.view.get_json(placement_key(t, tun)) or {}
             pinned = self.state.pinned.get((t, tun)) or placement.get("next_gpn")
@@ -640,34 +643,33 @@ class GmnAgent:
                 log.info("tunnel %s/%s: outbound switch to %08x deferred until the peer deletes the old SA",
                          t, tun, sa.spi)
             else:
+                # the SA and the steering of the tunnel's outbound traffic to it in one
+                # transaction, also when the tunnel moves to another GPN (a migration, a
+                # recovery): should the GEN switch a moment before the new GPN has the SA,
+                # that GPN's workers hold the tunnel's frames until its route arrives
+                # (ROUTE_HOLD in protego/gpn/worker.py) instead of dropping them
                 steer_key, steer = steer_out_key(t, tun), steer_out_record(owner, gpn, sa.spi, rec["local_ts"])
                 validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
-                steer_ops = [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
                 self.state.deferred.pop((t, tun), None)
-                current = (self.view.get_json(steer_key) or {}).get("gpn")
-                if current and current != gpn:
-                    moving = True  # the GEN must not send to the new GPN before it has the SA
-                else:
-                    ops += steer_ops
             revision = self.etcd.txn([], ops).revision
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
-        if moving:
-            # The tunnel's outbound traffic moves to another GPN (a migration, a recovery):
-            # first the SA on the new GPN (whose egress table then routes the tunnel through
-            # it), then the GIN/GEN's steering. Written together, the GEN could switch first
-            # and the new GPN would drop the frames it has no route for yet.
-            self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=True)
-            with self._sa_lock:
-                revision = self.etcd.txn([], steer_ops).revision
-            log.info("tunnel %s/%s: outbound steered to %s (SA %08x)", t, tun, gpn, sa.spi)
-            # the GPN routes the tunnel through the SA already (its newest outbound SA):
-            # what is left to wait for is the GIN/GEN
-            self._wait_applied(gpn, revision, f"{t}/{tun} steering to {gpn}", lb_only=True)
-            return
+            if sa.inbound and sa.initiator:
+                # our rekey (a migration, a recovery, a lifetime): the peer uses the new
+                # SAs only once charon deletes the old ones, after the outbound SA's add_sa,
+                # which is charon's next call: that call waits for this SA too
+                self.state.unacked_in[(t, tun)] = (gpn, revision, sa.spi)
+                return
+            unacked = self.state.unacked_in.pop((t, tun), None) if not sa.inbound else None
+        if unacked is not None:
+            in_gpn, in_rev, in_spi = unacked
+            self._wait_applied(in_gpn, in_rev, f"{t}/{tun} SA {in_spi:08x}")
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
         # side ever uses an SA the data path does not have yet (no loss on rekey)
         self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=deferred)
+        if not sa.inbound and not deferred:
+            self.state.switched_at[(t, tun)] = time.time()
 
     def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False,
                       lb_only: bool = False) -> None:
@@ -835,17 +837,21 @@ class GmnAgent:
                 return
             place = self.view.get_json(placement_key(tenant, tunnel)) or {}
             source = place.get("gpn")
-            if not self._update_request(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
-                                              "old_spi_in": child.get("spi_in"), "by": self.cfg.node,
-                                              "attempts": 1, "attempted": time.time()}):
-                return  # withdrawn meanwhile
             with self._sa_lock:
+                # the request's state and the pin in one transaction (the pin in memory
+                # is what places the new SAs; the one in etcd outlives this GMN)
+                if not self._update_request(key, {**req, "state": "rekeying", "from": source, "started": time.time(),
+                                                  "old_spi_in": child.get("spi_in"), "by": self.cfg.node,
+                                                  "attempts": 1, "attempted": time.time()},
+                                            [PutOp(placement_key(tenant, tunnel),
+                                                   encode_json({**place, "next_gpn": target}))]):
+                    return  # withdrawn meanwhile
                 self.state.pinned[(tenant, tunnel)] = target
-                self.etcd.put_json(placement_key(tenant, tunnel), {**place, "next_gpn": target})
-            self._event("migration-started", tenant, tunnel, f"{source} -> {target}")
+                self.state.switched_at.pop((tenant, tunnel), None)
             v.rekey_child(child["child_id"])
-        log.info("tunnel %s/%s: migrating %s -> %s (rekey of CHILD_SA %s)", tenant, tunnel, source, target,
-                 child["child_id"])
+        self._event("migration-started", tenant, tunnel, f"{source} -> {target}")
+        log.info("tunnel %s/%s: migrating %s -> %s (rekey of CHILD_SA %s, %.1f ms after the request)", tenant,
+                 tunnel, source, target, child["child_id"], (time.time() - float(req.get("requested", 0))) * 1000)
 
     def _check_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any]) -> None:
         target = req["to"]
@@ -854,10 +860,15 @@ class GmnAgent:
         out = self.view.get_json(steer_out_key(tenant, tunnel)) or {}
         switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs)
         if switched and "switched" not in req:
-            req = {**req, "switched": time.time()}
+            # when the data path acknowledged both directions (_add_sa), if it was this
+            # migration's rekey; otherwise (the peer's rekey won a collision) now
+            at = self.state.switched_at.pop((tenant, tunnel), None)
+            req = {**req, "switched": at if at is not None and at >= float(req.get("started", 0)) else time.time()}
             if not self._update_request(key, req):
                 return
             self._event("migration-switched", tenant, tunnel, f"now on {target}")
+            log.info("tunnel %s/%s: switched to %s %.1f ms after the request", tenant, tunnel, target,
+                     (req["switched"] - float(req.get("requested", 0))) * 1000)
         if switched and all(r["gpn"] == target for r in recs):
             self._finish_migration(key, tenant, tunnel, req, "done", f"moved to {target}")
         elif (not any(r["gpn"] == target for r in recs)
@@ -880,13 +891,24 @@ class GmnAgent:
             self._finish_migration(key, tenant, tunnel, req, "failed",
                                    f"not on {target} after {MIGRATION_TIMEOUT:.0f} s")
 
-    def _update_request(self, key: str, value: dict[str, Any]) -> bool:
-        """Compare-and-swap a request we read: one its requester removed is never resurrected."""
+    def _update_request(self, key: str, value: dict[str, Any], extra: Sequence[Any] = ()) -> bool:
+        """Compare-and-swap a request we read: one its requester removed is never
+        resurrected. ``extra`` ops are written in the same transaction."""
         rev = self._req_rev.get(key, 0)
-        if not rev or not self.etcd.cas(key, encode_json(value), rev):
+        if not rev:
             return False
-        kv = self.etcd.get(key)
-        self._req_rev[key] = kv.mod_revision if kv else 0
+        data = encode_json(value)
+        if not extra:
+            new = self.etcd.cas_rev(key, data, rev)
+        else:
+            res = self.etcd.txn([mod_revision_is(key, rev)], [PutOp(key, data), *extra])
+            new = res.revision if res.succeeded else None
+            if new is None:  # lost, or an attempt that timed out was applied before a retry
+                kv = self.etcd.get(key)
+                new = kv.mod_revision if kv is not None and kv.value == data and kv.mod_revision > rev else None
+        if new is None:
+            return False
+        self._req_rev[key] = new
         return True
 
     def _finish_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any], state: str,

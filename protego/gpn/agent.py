@@ -56,6 +56,12 @@ __all__ = ["VIP_LABEL", "GpnAgent", "GpnConfig", "choose_backend", "desired_sas"
 log = logging.getLogger(__name__)
 
 VIP_LABEL = "lo:pg"
+# An outbound SA whose record went (charon deleted it after a rekey) stays installed,
+# and keeps the tunnel's route while it is the only outbound SA here, this long: tenant
+# frames the GEN sent here before it switched the tunnel elsewhere are still on their
+# way (socket buffers, worker queues) and go out encrypted instead of dropped. The peer
+# keeps the old inbound SA longer (strongSwan: delete_rekeyed_delay, 5 s).
+OUTBOUND_LINGER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ class GpnAgent:
         self.sas_view = PrefixView(on_change=self._kick)
         self.aux_view = PrefixView(on_change=self._kick)
         self.installed: dict[str, tuple[int, GpnSa]] = {}  # key -> (mod_revision, SA)
+        self.lingering: dict[str, tuple[float, GpnSa]] = {}  # outbound SAs whose record went: until when
         self.burnt: set[str] = set()  # outbound SA keys never to install again
         self.refused: dict[str, str] = {}
         self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
@@ -260,7 +267,10 @@ class GpnAgent:
     def _loop(self) -> None:
         next_report = 0.0
         while not self._stop.is_set():
-            self._wake.wait(timeout=0.5)
+            wait = 0.5
+            if self.lingering:
+                wait = max(0.01, min(wait, min(u for u, _g in self.lingering.values()) - time.monotonic()))
+            self._wake.wait(timeout=wait)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -314,7 +324,20 @@ class GpnAgent:
         self.refused = bad
         # SAs to remove go last, after the egress table stops naming them: a worker must
         # never hold a route to an outbound SA it no longer has
-        removed = {key: self.installed.pop(key)[1] for key in sorted(set(self.installed) - set(want))}
+        now = time.monotonic()
+        removed: dict[str, GpnSa] = {}
+        for key in sorted(set(self.installed) - set(want)):
+            g = self.installed.pop(key)[1]
+            if g.inbound or OUTBOUND_LINGER_S <= 0:
+                removed[key] = g
+            else:
+                self.lingering[key] = (now + OUTBOUND_LINGER_S, g)
+        for key in sorted(self.lingering):
+            until, g = self.lingering[key]
+            if key in want:  # its record is back (the same SA, still installed): keep it
+                self.installed[key] = (want[key][1], self.lingering.pop(key)[1])
+            elif until <= now:
+                removed[key] = self.lingering.pop(key)[1]
         for key, (crev, mrev, g) in sorted(want.items()):
             cur = self.installed.get(key)
             if cur is not None and cur[0] == mrev:
@@ -339,7 +362,7 @@ class GpnAgent:
             log.info("%s: %s (%s, peer %s:%d, vni %d)", g.label, "updated" if cur else "installed",
                      g.sa.suite.value, g.peer, g.peer_port, g.vni)
         # VIPs, egress table, host directory
-        sas = [g for _r, g in self.installed.values()]
+        sas = [g for _r, g in self.installed.values()] + [g for _u, g in self.lingering.values()]
         if self.cfg.manage_vips:
             vips = {g.vip for g in sas}
             if vips != self._vips:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import os
 import logging
 import secrets
 import shutil
@@ -46,6 +47,14 @@ GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shor
 # answers the GMN's mirror writes without waiting behind the agents and the engines
 # (docs/gmn-ha.md, "Replication latency"). Below the HA relays' 10.
 ETCD_RT_PRIORITY = 5
+
+
+def copy_logs(tb: "Testbed", dest: str | os.PathLike[str]) -> Path:
+    """Copy a testbed's logs (agents, charons, etcd) to ``dest`` (created), e.g. before a
+    benchmark takes its testbed down."""
+    out = Path(dest)
+    shutil.copytree(tb.state.logs, out, dirs_exist_ok=True)
+    return out
 
 
 def rt_permitted() -> bool:

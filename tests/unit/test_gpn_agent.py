@@ -11,6 +11,7 @@ import pytest
 
 from protego.control.model import PREFIX
 from protego.errors import ConfigError
+from protego.gpn import agent as agent_mod
 from protego.gpn.agent import GpnAgent, GpnConfig, choose_backend, desired_sas, egress_routes
 from protego.gpn.records import GpnSa, parse_sa_record
 from protego.store.etcd import KV
@@ -93,7 +94,19 @@ def test_installs_only_its_own_sas_and_new_outbound_ones() -> None:
     assert len(eng.calls) == 3
 
 
-def test_removed_outbound_sa_is_never_installed_again_and_updates_keep_it() -> None:
+class Clock:
+    """Stands in for ``time.monotonic`` in the agent module."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_removed_outbound_sa_is_never_installed_again_and_updates_keep_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(agent_mod.time, "monotonic", clock)
     a = agent_with({0x2002: (12, rec(0x2002, "out"))})
     a.reconcile()
     eng: FakeEngine = a.engine  # type: ignore[assignment]
@@ -103,10 +116,42 @@ def test_removed_outbound_sa_is_never_installed_again_and_updates_keep_it() -> N
     assert eng.calls[-1] == ("add", 0x2002, True) and eng.sas[("out", 0x2002)].peer_port == 4501
     set_records(a, {})
     a.reconcile()
+    # it lingers: frames already on their way here still go out through it
+    assert ("out", 0x2002) in eng.sas and [r.spi for r in eng.egress] == [0x2002]
+    clock.now += agent_mod.OUTBOUND_LINGER_S
+    a.reconcile()
     assert eng.calls[-1] == ("del", 0x2002, False) and not eng.sas and eng.egress == []
+    assert not a.lingering
     set_records(a, {0x2002: (30, rec(0x2002, "out"))})  # back (e.g. moved away and back)
     a.reconcile()
     assert not eng.sas
+
+
+def test_a_lingering_outbound_sa_gives_way_to_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(agent_mod.time, "monotonic", clock)
+    a = agent_with({0x2002: (12, rec(0x2002, "out", created=1.0))})
+    a.reconcile()
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    # rekeyed on this GPN: the new outbound SA arrives, then the old record goes
+    set_records(a, {0x2002: (12, rec(0x2002, "out", created=1.0)), 0x2003: (14, rec(0x2003, "out", created=2.0))})
+    a.reconcile()
+    set_records(a, {0x2003: (14, rec(0x2003, "out", created=2.0))})
+    a.reconcile()
+    assert [r.spi for r in eng.egress] == [0x2003]  # the newest takes the route at once
+    assert ("out", 0x2002) in eng.sas  # the old one is still there (unused) until it expires
+    clock.now += agent_mod.OUTBOUND_LINGER_S / 2
+    a.reconcile()
+    assert ("out", 0x2002) in eng.sas
+    clock.now += agent_mod.OUTBOUND_LINGER_S / 2
+    a.reconcile()
+    assert set(eng.sas) == {("out", 0x2003)} and f"{PREFIX}sas/203.0.113.11/00002002" in a.burnt
+    # inbound SAs do not linger (charon keeps them for delete_rekeyed_delay itself)
+    set_records(a, {0x2003: (14, rec(0x2003, "out", created=2.0)), 0x1003: (15, rec(0x1003, "in"))})
+    a.reconcile()
+    set_records(a, {0x2003: (14, rec(0x2003, "out", created=2.0))})
+    a.reconcile()
+    assert eng.calls[-1] == ("del", 0x1003, False)
 
 
 def test_invalid_records_are_refused_one_by_one() -> None:
