@@ -8,16 +8,17 @@ site's first host to its tenant's first host:
 * a sequence-numbered UDP stream (:mod:`protego.testbed.probe`), one datagram every
   ``--probe-ms`` echoed back: exact losses in both directions and the longest gap between
   received replies;
-* load from iperf3 (TCP for ``migration``, capped at ``--rate``; UDP at ``--rate`` for
-  ``failover``), printing a throughput figure every 100 ms that the benchmark timestamps
-  as it arrives.
+* load from iperf3 (TCP for ``migration``, paced by the kernel at ``--rate``; UDP at
+  ``--rate`` for ``failover``), whose *receiver* prints a throughput figure every 100 ms
+  that the benchmark timestamps as it arrives.
 
 ``migration``: ``--count`` migrations back and forth between two GPNs through the same
 API the CLI uses. ``lost_packets``: probe datagrams lost over all of them (either
 direction). ``switch_ms``: median time from the request to the GMN's record that both new
 SAs are installed on the target, acknowledged by the target GPN and the GIN/GEN, and the
-tunnel's outbound traffic steered there (charon then deletes the old SA, upon which the
-peer sends on the new one too). ``dip_pct``: per migration, the lowest 100 ms throughput
+tunnel's outbound traffic steered there, as the GMN took it when the last of those
+acknowledgements arrived (charon then deletes the old SA, upon which the peer sends on
+the new one too). ``dip_pct``: per migration, the lowest 100 ms throughput
 from the request until 100 ms after the switch, relative to the median of the second
 before the request; the worst migration is reported.
 
