@@ -105,7 +105,7 @@ class _State:
     rekey_asked: dict[tuple[str, str], float] = field(default_factory=dict)  # failed-GPN recoveries
     no_gpn_logged: float = -1e9
     deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
-    # inbound SAs of rekeys we initiated, placed but not yet acknowledged: (GPN, revision);
+    # inbound SAs of rekeys we initiated, placed but not yet acknowledged: (GPN, revision, SPI);
     # charon's next call, the same CHILD_SA's outbound SA, waits for them
     unacked_in: dict[tuple[str, str], tuple[str, int, int]] = field(default_factory=dict)
     switched_at: dict[tuple[str, str], float] = field(default_factory=dict)  # both directions acknowledged
