@@ -64,19 +64,13 @@ def charon_record(tb: Any, node: str) -> Any:
 
 def gmn_ike_states(tb: Any, node: str) -> dict[str, str]:
     """``initiator-spi`` → IKE state in a GMN's charon ({} if it does not answer)."""
-    from protego.errors import ProtegoError
+    from protego.gmn.ha_service import charon_holds
 
-    out: dict[str, str] = {}
     try:
-        with tb.vici(node) as v:
-            for entry in v.raw_sas():
-                for sa in entry.values():
-                    out[str(sa.get("initiator-spi"))] = str(sa.get("state"))
-    except (OSError, ProtegoError):
+        ikes, _children = charon_holds(tb.charon_files(node).vici_socket)
+    except Exception:  # noqa: BLE001 - OSError, ProtegoError, vici's session errors when charon just died
         return {}
-    except Exception:  # noqa: BLE001 - vici's session errors when charon just died
-        return {}
-    return out
+    return {spis.split("_", 1)[0]: state for spis, state in ikes.items()}
 
 
 def site_ike_spis(tb: Any) -> dict[str, str]:
