@@ -352,18 +352,14 @@ def gmn_rss(tb: Any) -> dict[str, Any]:
 
 def relay_rss_mb(agent_pid: int) -> float | None:
     """RSS of the GMN agent's HA relay process (its child), if it runs."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    from protego.testbed import procs
+
+    for pid in procs.children(agent_pid):
         try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            with open(f"/proc/{d}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"protego.gmn.ha_service" in f.read():
-                    return rss_mb(int(d))
-        except (OSError, ValueError, IndexError):
+                    return rss_mb(pid)
+        except OSError:
             continue
     return None
 

@@ -313,11 +313,9 @@ def format_table(res: dict[str, Any]) -> str:
         ["esp_lost_packets", f"{res['esp_lost_packets']} of {res['esp_sent_packets']}", *t("esp_lost_packets")],
         ["renegotiated_tunnels", str(res["renegotiated_tunnels"]), *t("renegotiated_tunnels")],
     ]
-    widths = [max(len(r[i]) for r in rows + [["metric", "value", "target", "met"]]) for i in range(4)]
-    head = ["metric", "value", "target", "met"]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines) + (f"\n(mode {res['mode']}; {res['replication_samples']} replicated HA messages; "
+    from protego.bench.migration import metric_table
+
+    return metric_table(rows) + (f"\n(mode {res['mode']}; {res['replication_samples']} replicated HA messages; "
                                f"probe gap max {res['esp_max_gap_ms']} ms; {res['wall_s']} s wall on "
                                f"{res['cpus']} CPUs; paper: IKE state update 89 ms)")
 

@@ -247,8 +247,7 @@ def _engine_pids(tb: Any, node: str) -> tuple[Any, list[int]]:
 
         raise TestbedError(f"no running GPN agent on {node}")
     rec = recs[-1]
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(rec.pid)], capture_output=True, text=True).stdout
-    return rec, [int(p) for p in out.split()]
+    return rec, procs.children(rec.pid)
 
 
 def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) -> dict[str, Any]:
@@ -332,7 +331,8 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) 
 # ---------------------------------------------------------------------------- output
 
 
-def _table(rows: list[list[str]]) -> str:
+def metric_table(rows: list[list[str]]) -> str:
+    """metric / value / target / met? columns, aligned (the benchmarks' tables)."""
     head = ["metric", "value", "target", "met?"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
@@ -357,7 +357,7 @@ def format_migration(res: dict[str, Any]) -> str:
         ["TCP load (median Mbit/s, cap)", f"{res['load_mbps']} ({res['load_cap_mbps']})", "-", "-"],
         ["IKE renegotiated", "yes" if res["ike_renegotiated"] else "no", "no", "NO" if res["ike_renegotiated"] else "yes"],
     ]
-    return _table(rows) + f"\n({res['probe_sent']} probe datagrams every {res['probe_interval_ms']} ms; " \
+    return metric_table(rows) + f"\n({res['probe_sent']} probe datagrams every {res['probe_interval_ms']} ms; " \
                           f"{res['wall_s']} s wall on {res['cpus']} CPUs)"
 
 
@@ -369,7 +369,7 @@ def format_failover(res: dict[str, Any]) -> str:
         ["outage_p95_ms", str(res["outage_p95_ms"]), "-", "-"],
         ["IKE renegotiated", "yes" if res["ike_renegotiated"] else "no", "no", "NO" if res["ike_renegotiated"] else "yes"],
     ]
-    return _table(rows) + f"\n(UDP load {res['rate_mbps']} Mbit/s offered; probe every {res['probe_interval_ms']} ms; " \
+    return metric_table(rows) + f"\n(UDP load {res['rate_mbps']} Mbit/s offered; probe every {res['probe_interval_ms']} ms; " \
                           f"{res['wall_s']} s wall on {res['cpus']} CPUs; paper: 280 ms with WAN round trips)"
 
 

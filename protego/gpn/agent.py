@@ -333,7 +333,7 @@ class GpnAgent:
             else:
                 self.lingering[key] = (now + OUTBOUND_LINGER_S, g)
         for key in sorted(self.lingering):
-            until, g = self.lingering[key]
+            until = self.lingering[key][0]
             if key in want:  # its record is back (the same SA, still installed): keep it
                 self.installed[key] = (want[key][1], self.lingering.pop(key)[1])
             elif until <= now:

@@ -33,6 +33,21 @@ def proc_start_time(pid: int) -> int | None:
     return int(rest[19])
 
 
+def children(pid: int) -> list[int]:
+    """PIDs of the live processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid) and fields[0] != "Z":
+            out.append(int(d))
+    return sorted(out)
+
+
 def is_alive(rec: ProcRecord) -> bool:
     st = proc_start_time(rec.pid)
     if st is None or st != rec.start_time:

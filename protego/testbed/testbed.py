@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import os
 import logging
+import os
 import secrets
 import shutil
 import socket
