@@ -16,6 +16,7 @@ filelog {{
     charon {{
         path = {log_path}
         time_format = %b %e %T
+        time_add_ms = yes
         ike_name = yes
         append = yes
         default = 1

@@ -9,8 +9,9 @@ site's first host to its tenant's first host:
   ``--probe-ms`` echoed back: exact losses in both directions and the longest gap between
   received replies;
 * load from iperf3 (TCP for ``migration``, paced by the kernel at ``--rate``; UDP at
-  ``--rate`` for ``failover``), whose *receiver* prints a throughput figure every 100 ms
-  that the benchmark timestamps as it arrives.
+  ``--rate`` for ``failover``, from the tenant's host to the site's by default, see
+  ``--direction``), whose *receiver* prints a throughput figure every 100 ms that the
+  benchmark timestamps as it arrives.
 
 ``migration``: ``--count`` migrations back and forth between two GPNs through the same
 API the CLI uses. ``lost_packets``: probe datagrams lost over all of them (either
@@ -26,7 +27,14 @@ before the request; the worst migration is reported.
 carrying the tunnel. ``detect_ms``: kill → the GIN's dead declaration (its ``since``).
 ``outage_ms``: the longest gap in the probe's received replies around the kill (median
 and p95 over trials). The killed GPN is then restarted and must be declared alive again
-before the next trial, which kills wherever the tunnel is then.
+before the next trial, which kills wherever the tunnel is then. ``false_declarations``:
+healthy GPNs whose health changed during a trial (a declaration that should not have
+happened). ``--direction from-site`` offers the load from the site's host: the test
+site's ``kernel-libipsec`` sender carries about 95 Mbit/s here and queues the rest
+without bound ahead of its IKE messages, so that measures the test peer (docs/bench.md).
+
+``--keep-logs DIR`` copies the testbed's logs (agents, charons with millisecond
+timestamps, etcd) before the teardown.
 """
 
 from __future__ import annotations
@@ -172,7 +180,8 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.0
 # ---------------------------------------------------------------------------- migration
 
 
-def run_migration(count: int, rate: float, probe_ms: float, progress: Progress) -> dict[str, Any]:
+def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
+                  keep_logs: str | None = None) -> dict[str, Any]:
     from protego.control.migrate import migrate
     from protego.testbed import testbed as tbmod
     from protego.testbed.probe import UdpProbe
@@ -214,6 +223,8 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress) 
             pr = probe.stop()
         renegotiated = {s: t.get("ike_spi_i") for s, t in tbmod.site_tunnels(tb).items()} != ikes
     finally:
+        if keep_logs:
+            progress(f"testbed logs copied to {tbmod.copy_logs(tb, keep_logs)}")
         progress(f"taking testbed {tb.name} down")
         tbmod.down(tb.name)
     switch = [r["switch_ms"] for r in rows if r["switch_ms"] is not None]
@@ -250,7 +261,18 @@ def _engine_pids(tb: Any, node: str) -> tuple[Any, list[int]]:
     return rec, procs.children(rec.pid)
 
 
-def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) -> dict[str, Any]:
+LOAD_DIRECTIONS = ("to-site", "from-site")
+
+
+def _load_ends(tb: Any, site: Any, tenant: Any, direction: str) -> tuple[str, str, str]:
+    """(receiver namespace, receiver address, sender namespace) of the load."""
+    if direction == "to-site":
+        return tb.ns(f"s-{site.name}-h1"), str(site.hosts[0]), tb.ns(f"t-{tenant.name}-h1")
+    return tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]), tb.ns(f"s-{site.name}-h1")
+
+
+def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress,
+                 direction: str = "to-site", keep_logs: str | None = None) -> dict[str, Any]:
     from protego.testbed import procs
     from protego.testbed import testbed as tbmod
     from protego.testbed.probe import UdpProbe
@@ -271,8 +293,7 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) 
                       "the other GPNs to be healthy")
                 with UdpProbe(tb.ns(f"s-{site.name}-h1"), tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]),
                               interval_ms=probe_ms) as probe:
-                    mon = RateMonitor(tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]),
-                                      tb.ns(f"s-{site.name}-h1"), rate, udp=True, port=5203)
+                    mon = RateMonitor(*_load_ends(tb, site, tenant, direction), rate, udp=True, port=5203)
                     try:
                         time.sleep(1.5)
                         before_bps = mon.median_bps(time.time() - 1.0)
@@ -290,17 +311,21 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) 
                               "the tunnel to move off the dead GPN")
                         time.sleep(2.0)  # traffic flows again (the probe measures when)
                         after_bps = mon.median_bps(time.time() - 1.0)
+                        # a healthy GPN declared anything during the trial: a false alarm
+                        disturbed = sorted(g for g in others if float(
+                            (e.get_json(f"{PREFIX}gpn/health/{g}") or {}).get("since", 0)) > t_kill)
                     finally:
                         mon.close()
                     pr = probe.stop()
                 detect = (since - t_kill) * 1000
                 rows.append({"n": i + 1, "victim": victim, "to": _placement(e, tenant.name, site.name),
                              "detect_ms": round(detect, 1), "outage_ms": pr.max_gap_ms, "lost": pr.lost,
-                             "probe_sent": pr.sent,
+                             "probe_sent": pr.sent, "false_declarations": disturbed,
                              "load_before_mbps": None if before_bps is None else round(before_bps / 1e6, 1),
                              "load_after_mbps": None if after_bps is None else round(after_bps / 1e6, 1)})
                 progress(f"trial {i + 1}/{trials}: {victim} killed, declared dead after {detect:.0f} ms, "
-                         f"longest gap {pr.max_gap_ms} ms, {pr.lost} probe datagrams lost")
+                         f"longest gap {pr.max_gap_ms} ms, {pr.lost} probe datagrams lost"
+                         + (f", healthy {disturbed} declared too" if disturbed else ""))
                 # the killed GPN comes back; it must be declared alive before the next trial
                 procs.reap(rec.pid)
                 new = procs.spawn(rec.node, rec.kind, tb.ns(rec.node), rec.cmd,
@@ -311,15 +336,19 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress) 
                       f"{victim} to be declared alive again")
         renegotiated = {s: t.get("ike_spi_i") for s, t in tbmod.site_tunnels(tb).items()} != ikes
     finally:
+        if keep_logs:
+            progress(f"testbed logs copied to {tbmod.copy_logs(tb, keep_logs)}")
         progress(f"taking testbed {tb.name} down")
         tbmod.down(tb.name)
     det = [r["detect_ms"] for r in rows]
     out = [r["outage_ms"] for r in rows if r["outage_ms"] is not None]
     res: dict[str, Any] = {
-        "trials": len(rows), "rate_mbps": round(rate / 1e6, 1), "probe_interval_ms": probe_ms,
+        "trials": len(rows), "rate_mbps": round(rate / 1e6, 1), "direction": direction,
+        "probe_interval_ms": probe_ms,
         "detect_ms": round(statistics.median(det), 1) if det else None,
         "outage_ms": round(statistics.median(out), 1) if out else None,
         "outage_p95_ms": _pct(out, 95),
+        "false_declarations": sum(len(r["false_declarations"]) for r in rows),
         "ike_renegotiated": renegotiated, "per_trial": rows,
         "wall_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count(),
     }
@@ -367,9 +396,11 @@ def format_failover(res: dict[str, Any]) -> str:
         ["detect_ms (median)", str(res["detect_ms"]), "-", "-"],
         ["outage_ms (median)", str(res["outage_ms"]), *_t(res, "outage_ms")],
         ["outage_p95_ms", str(res["outage_p95_ms"]), "-", "-"],
+        ["healthy GPNs declared dead", str(res["false_declarations"]), "0",
+         "yes" if res["false_declarations"] == 0 else "NO"],
         ["IKE renegotiated", "yes" if res["ike_renegotiated"] else "no", "no", "NO" if res["ike_renegotiated"] else "yes"],
     ]
-    return metric_table(rows) + f"\n(UDP load {res['rate_mbps']} Mbit/s offered; probe every {res['probe_interval_ms']} ms; " \
+    return metric_table(rows) + f"\n(UDP load {res['rate_mbps']} Mbit/s offered {res['direction']}; probe every {res['probe_interval_ms']} ms; " \
                           f"{res['wall_s']} s wall on {res['cpus']} CPUs; paper: 280 ms with WAN round trips)"
 
 
@@ -397,9 +428,11 @@ def _run(name: str, fn: Callable[[Progress], dict[str, Any]], fmt: Callable[[dic
               help="TCP load cap, bits/s.")
 @click.option("--probe-ms", type=click.FloatRange(0.5, 100), default=2.0, show_default=True,
               help="Interval of the sequence-numbered UDP probe.")
-def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float) -> None:
+@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
+              help="Copy the testbed's logs (agents, charons, etcd) into this directory before teardown.")
+def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float, keep_logs: str | None) -> None:
     """Live migration under load: lost packets, switch time, throughput dip."""
-    _run("migration", lambda p: run_migration(count, rate, probe_ms, p), format_migration, as_json)
+    _run("migration", lambda p: run_migration(count, rate, probe_ms, p, keep_logs), format_migration, as_json)
 
 
 @click.command("failover")
@@ -409,6 +442,14 @@ def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float) -> 
               help="UDP load offered through the tunnel, bits/s.")
 @click.option("--probe-ms", type=click.FloatRange(0.5, 100), default=1.0, show_default=True,
               help="Interval of the sequence-numbered UDP probe (the outage resolution).")
-def bench_failover(as_json: bool, trials: int, rate: float, probe_ms: float) -> None:
+@click.option("--direction", type=click.Choice(LOAD_DIRECTIONS), default="to-site", show_default=True,
+              help="Load from the tenant's host to the site's (to-site) or back. from-site overloads the "
+                   "test site's kernel-libipsec sender (about 95 Mbit/s here), whose unbounded queue then "
+                   "delays its IKE answers by seconds: docs/bench.md.")
+@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
+              help="Copy the testbed's logs (agents, charons, etcd) into this directory before teardown.")
+def bench_failover(as_json: bool, trials: int, rate: float, probe_ms: float, direction: str,
+                   keep_logs: str | None) -> None:
     """GPN failure under load: detection time and traffic outage."""
-    _run("failover", lambda p: run_failover(trials, rate, probe_ms, p), format_failover, as_json)
+    _run("failover", lambda p: run_failover(trials, rate, probe_ms, p, direction, keep_logs), format_failover,
+         as_json)

@@ -109,6 +109,8 @@ class _State:
     # charon's next call, the same CHILD_SA's outbound SA, waits for them
     unacked_in: dict[tuple[str, str], tuple[str, int, int]] = field(default_factory=dict)
     switched_at: dict[tuple[str, str], float] = field(default_factory=dict)  # both directions acknowledged
+    # outbound SAs of our rekeys whose acknowledgement is awaited aside (_await_switch)
+    acking_out: set[tuple[str, str]] = field(default_factory=set)
 
 
 class GmnAgent:
@@ -124,6 +126,7 @@ class GmnAgent:
         self._watch: Any = None
         self._thread: threading.Thread | None = None
         self._sa_lock = threading.Lock()
+        self._own_rev = 0  # the revision of our latest SA transaction (_catch_up)
         self._req_rev: dict[str, int] = {}  # migration request key -> the mod_revision we last saw
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
@@ -604,6 +607,7 @@ class GmnAgent:
             # steering are in place already; placing it again could move it
             log.debug("tunnel %s/%s: SA %08x already recorded: adopted", t, tun, sa.spi)
             return
+        self._catch_up()
         with self._sa_lock:
             placement = self.view.get_json(placement_key(t, tun)) or {}
             pinned = self.state.pinned.get((t, tun)) or placement.get("next_gpn")
@@ -652,7 +656,7 @@ class GmnAgent:
                 validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
                 ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
                 self.state.deferred.pop((t, tun), None)
-            revision = self.etcd.txn([], ops).revision
+            revision = self._sa_txn(ops)
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
             if sa.inbound and sa.initiator:
                 # our rekey (a migration, a recovery, a lifetime): the peer uses the new
@@ -664,12 +668,36 @@ class GmnAgent:
         if unacked is not None:
             in_gpn, in_rev, in_spi = unacked
             self._wait_applied(in_gpn, in_rev, f"{t}/{tun} SA {in_spi:08x}")
+        if not sa.inbound and sa.initiator and not deferred:
+            # our CHILD_SA (a rekey: a migration, a recovery, a lifetime): charon's next step
+            # is the DELETE of the old CHILD_SA, upon which the peer sends on our new inbound
+            # SA, acknowledged just above; the peer has had its own new inbound SA since its
+            # response. So charon goes on at once, and this SA's acknowledgement (the GPN has
+            # it, the GEN steers to it: frames arriving first are held by the GPN) is awaited
+            # aside: the peer's traffic then moves one round of acknowledgements sooner,
+            # which is what a recovery from a dead GPN waits for
+            self.state.acking_out.add((t, tun))
+            threading.Thread(target=self._await_switch, args=(gpn, revision, t, tun, sa.spi), daemon=True,
+                             name="gmn-switch-ack").start()
+            return
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
         # side ever uses an SA the data path does not have yet (no loss on rekey)
         self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=deferred)
         if not sa.inbound and not deferred:
             self.state.switched_at[(t, tun)] = time.time()
+
+    def _await_switch(self, gpn: str, revision: int, tenant: str, tunnel: str, spi: int) -> None:
+        """The acknowledgement of a new outbound SA whose add_sa did not wait for it: both
+        directions now run through ``gpn`` (``switched_at``, a migration's switch time)."""
+        try:
+            self._wait_applied(gpn, revision, f"{tenant}/{tunnel} SA {spi:08x}")
+        except ProtegoError as exc:
+            log.warning("tunnel %s/%s: outbound SA %08x: %s", tenant, tunnel, spi, exc)
+        finally:
+            self.state.switched_at[(tenant, tunnel)] = time.time()
+            self.state.acking_out.discard((tenant, tunnel))
+            self._kick()
 
     def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False,
                       lb_only: bool = False) -> None:
@@ -706,7 +734,34 @@ class GmnAgent:
             keys.append(f"{PREFIX}gpn/applied/{gpn}")
         return keys
 
+    def _sa_txn(self, ops: list[Any]) -> int:
+        """One transaction of SA records and steering; its revision is what ``_catch_up``
+        waits for."""
+        revision = self.etcd.txn([], ops).revision
+        self._own_rev = max(self._own_rev, revision)
+        return revision
+
+    def _catch_up(self) -> None:
+        """Wait until our view of etcd holds our own latest SA transaction. charon's calls
+        follow each other faster than the watch may deliver that transaction back to us
+        (an outbound add_sa no longer waits for its acknowledgement), and the next call
+        reads the view: the DELETE of a rekeyed outbound SA looks there for the tunnel's
+        other outbound SA, and without it would remove the tunnel's steering."""
+        want = self._own_rev
+        if self.view.revision >= want:
+            return
+        deadline = time.monotonic() + self.cfg.apply_timeout
+        with self._applied:
+            while self.view.revision < want:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("our view of etcd is at revision %d, not yet at our own write %d; going on",
+                                self.view.revision, want)
+                    return
+                self._applied.wait(min(left, 0.05))
+
     def _del_sa(self, spi: int, dst: str | None) -> None:
+        self._catch_up()
         with self._sa_lock:
             found = self._find_record(spi, dst)
             if found is None:
@@ -732,16 +787,16 @@ class GmnAgent:
                 else:
                     ops += repoint
             if not steer_first:
-                self.etcd.txn([], ops)
+                self._sa_txn(ops)
         if steer_first:
             # The GIN/GEN must send the tunnel's traffic to the other GPN before this one drops
             # the SA and with it its route for the tunnel (written together, this GPN could
             # remove the route while the GEN still sends here). charon waits meanwhile.
-            revision = self.etcd.txn([], steer_first).revision
+            revision = self._sa_txn(steer_first)
             self._wait_applied(str(moves_to), revision, f"{rec['tenant']}/{rec['tunnel']} steering to {moves_to}",
                                lb_only=True)
             with self._sa_lock:
-                self.etcd.txn([], ops)
+                self._sa_txn(ops)
         log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
 
     def _outbound_records(self, tenant: str, tunnel: str, exclude_spi: int | None = None
@@ -764,7 +819,7 @@ class GmnAgent:
                 ops = self._repoint_outbound({"tenant": t, "tunnel": tun, "spi": cur.get("spi")}, exclude="",
                                              force=True)
                 if ops:
-                    self.etcd.txn([], ops)
+                    self._sa_txn(ops)
                     log.info("tunnel %s/%s: deferred outbound switch done after %.0f s", t, tun, DEFER_SWITCH_S)
 
     def _repoint_outbound(self, rec: dict[str, Any], exclude: str, force: bool = False) -> list[Any]:
@@ -788,6 +843,7 @@ class GmnAgent:
             steer_out_record(owner, newest["gpn"], int(newest["spi"], 16), newest["local_ts"])))]
 
     def _update_sa(self, msg: pp.UpdateSa) -> None:
+        self._catch_up()
         with self._sa_lock:
             found = self._find_record(msg.spi, str(msg.dst.address) if msg.dst else None)
             if found is None or msg.new_src is None or msg.new_dst is None:
@@ -796,7 +852,7 @@ class GmnAgent:
             rec.update(src=str(msg.new_src.address), dst=str(msg.new_dst.address),
                        sport=msg.new_src.port, dport=msg.new_dst.port,
                        encap=bool(msg.flags & pp.SaFlag.NEW_ENCAP) or rec.get("encap", False))
-            self.etcd.put(key, encode_json(rec))
+            self._sa_txn([PutOp(key, encode_json(rec))])
 
     # ------------------------------------------------------------------ migration (paper §4.5)
     def _handle_migrations(self) -> None:
@@ -858,7 +914,8 @@ class GmnAgent:
         recs = [r for r in self.view.json_items(f"{PREFIX}sas/").values()
                 if r.get("tenant") == tenant and r.get("tunnel") == tunnel]
         out = self.view.get_json(steer_out_key(tenant, tunnel)) or {}
-        switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs)
+        switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs) \
+            and (tenant, tunnel) not in self.state.acking_out
         if switched and "switched" not in req:
             # when the data path acknowledged both directions (_add_sa), if it was this
             # migration's rekey; otherwise (the peer's rekey won a collision) now
@@ -956,6 +1013,7 @@ class GmnAgent:
                 self.state.no_gpn_logged = now
                 log.error("%d tunnel(s) sit on failed GPNs and no healthy GPN is left to take them", len(todo))
             return
+        asked: list[tuple[str, str, str]] = []
         with ViciClient(self.cfg.vici_socket) as v:
             # one listing for all (charon's listing waits for IKE SAs busy in a rekey)
             children: dict[str, list[dict[str, Any]]] = {}
@@ -972,9 +1030,12 @@ class GmnAgent:
                     log.warning("tunnel %s/%s: %s; asked again in %.0f s", tenant, tunnel, exc, RECOVERY_RETRY_S)
                     continue
                 state = "dead" if gpn in gpns else "gone"
-                self._event("gpn-failure-rekey", tenant, tunnel, f"{gpn} {state}: rekeying onto a healthy GPN")
                 log.warning("tunnel %s/%s: GPN %s is %s; rekeying CHILD_SA %s onto a healthy GPN",
                             tenant, tunnel, gpn, state, child["child_id"])
+                asked.append((tenant, tunnel, f"{gpn} {state}: rekeying onto a healthy GPN"))
+        # the events once every rekey is on its way (each is an etcd write)
+        for tenant, tunnel, detail in asked:
+            self._event("gpn-failure-rekey", tenant, tunnel, detail)
         for tun in [t for t, when in self.state.rekey_asked.items() if now - when > 120]:
             del self.state.rekey_asked[tun]
 

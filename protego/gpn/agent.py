@@ -6,8 +6,10 @@ One reconcile loop (level-triggered, as the other agents):
   snapshot-and-watch: an etcd restart resumes the watch or re-snapshots);
 * desired state = every ``sas/<vip>/<spi>`` record whose ``gpn`` is this node;
   diff against what the engine holds; install / update / remove;
-* holds the VIPs of its SAs on ``lo`` (label ``lo:pg``, as the GMN agent does), so
-  the GIN's policy-routed ESP is delivered here and answers leave from the VIP;
+* holds on ``lo`` (label ``lo:pg``, as the GMN agent does) the VIP of every tunnel that
+  has an SA on any GPN, so the GIN's policy-routed ESP is delivered here and answers
+  leave from the VIP, and taking a tunnel over (a migration, a recovery from a dead
+  GPN) never waits for an address to be added;
 * gives the workers the egress table (per tunnel: the outbound SA named by
   ``steer/out/<tenant>/<tunnel>`` if it is here, else the newest one here) and the
   VNET host directory;
@@ -33,12 +35,13 @@ tunnels and SPIs only.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +54,7 @@ from .engine import Engine, EngineConfig
 from .records import GpnSa, parse_sa_record
 from .tenant import EgressRoute, HostDirectory
 
-__all__ = ["VIP_LABEL", "GpnAgent", "GpnConfig", "choose_backend", "desired_sas", "egress_routes"]
+__all__ = ["VIP_LABEL", "GpnAgent", "GpnConfig", "choose_backend", "desired_sas", "egress_routes", "record_vips"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,20 @@ def desired_sas(records: dict[str, tuple[int, int, Any]], node: str
         except ConfigError as exc:
             bad[key] = str(exc)
     return ok, bad
+
+
+def record_vips(keys: Iterable[str]) -> set[str]:
+    """The VIPs named by ``sas/<vip>/<spi>`` record keys (well-formed IPv4 addresses only)."""
+    out: set[str] = set()
+    for key in keys:
+        parts = key[len(PREFIX) + len("sas/"):].split("/")
+        if len(parts) != 2:
+            continue
+        try:
+            out.add(str(ipaddress.IPv4Address(parts[0])))
+        except ValueError:
+            continue
+    return out
 
 
 def egress_routes(installed: list[GpnSa], steer: dict[tuple[str, str], str]) -> list[EgressRoute]:
@@ -364,7 +381,10 @@ class GpnAgent:
         # VIPs, egress table, host directory
         sas = [g for _r, g in self.installed.values()] + [g for _u, g in self.lingering.values()]
         if self.cfg.manage_vips:
-            vips = {g.vip for g in sas}
+            # every tunnel's VIP, not only those of our SAs: held in advance, a tunnel that
+            # moves here does not wait for pyroute2 (tens of ms on a busy machine, measured
+            # on the critical path of a recovery) between its SA and our acknowledgement
+            vips = {g.vip for g in sas} | record_vips(cache)
             if vips != self._vips:
                 self._apply_vips(vips)
                 self._vips = vips

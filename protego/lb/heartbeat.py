@@ -7,11 +7,15 @@ its recent synthetic probes (a GPN that was briefly descheduled answers a queued
 probe late, that still proves it alive) or a tag answer for a sampled data packet. No synthetic probe is sent
 in a round that follows a round with tag answers (busy GPNs cost no extra
 packets). ``misses`` consecutive unanswered rounds declare the GPN dead;
-``recover`` consecutive answered rounds declare it alive (again).
+``recover`` consecutive answered rounds declare it alive (again). A probe *refused* by
+the GPN itself (ICMP port unreachable from its own address, quoting one of its recent
+probes) declares it dead at once: no engine listens there any more, and its SAs died
+with it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -32,6 +36,13 @@ DEFAULT_PORT = 7471
 RECENT_PROBES = 8  # a late answer to one of a GPN's last 8 probes still proves it alive
 HEADER = struct.Struct("!4sBBHQQ")  # magic, version, type, flags, seq, timestamp (ns)
 TAG = struct.Struct("!BBHII")  # proto, dscp, reserved, key (SPI or VNI), packet seq (ESP)
+# <linux/errqueue.h> and <linux/in.h>: the socket's ICMP error queue (Python has no names for them)
+IP_RECVERR = 11
+SOCK_EE = struct.Struct("=IBBBBII")  # ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+SO_EE_ORIGIN_ICMP = 2
+# errors an earlier ICMP message leaves pending on the socket (reported by its next call)
+_PENDING_ICMP = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+ICMP_DEST_UNREACH, ICMP_PORT_UNREACH = 3, 3
 
 
 class HeartbeatError(ValueError):
@@ -95,6 +106,7 @@ class DetectorConfig:
     interval: float = 0.010  # every GPN is probed (or tag-answered) at least this often
     misses: int = 3  # consecutive unanswered rounds -> dead
     recover: int = 10  # consecutive answered rounds -> alive
+    refused_is_dead: bool = True  # a probe refused by the GPN's own host (port closed) -> dead at once
 
     def __post_init__(self) -> None:
         if self.interval <= 0 or self.misses < 1 or self.recover < 1:
@@ -117,6 +129,7 @@ class _Track:
     probes_sent: int = 0
     answers: int = 0
     tag_answers: int = 0
+    refusals: int = 0
     last_answer: float = -1.0
 
 
@@ -162,6 +175,25 @@ class Detector:
             t.tag_answers += 1
             t.last_answer = now
 
+    def on_refused(self, addr: str, seq: int, now: float) -> Transition | None:
+        """The GPN at ``addr`` refused probe ``seq`` (ICMP port unreachable from that very
+        address): nothing listens on its heartbeat port, so its engine and every SA it
+        held are gone. Declares it dead at once (when ``refused_is_dead``); a refusal of
+        a probe never sent to it, or not among its recent ones, is ignored."""
+        name = self.by_addr(addr)
+        if name is None or not self.cfg.refused_is_dead:
+            return None
+        t = self.tracks[name]
+        if seq not in t.recent:
+            return None
+        t.refusals += 1
+        t.hits = 0
+        t.misses = max(t.misses, self.cfg.misses)
+        if t.state == "dead":
+            return None
+        t.state = "dead"
+        return Transition(name, "dead", "heartbeat refused: nothing listens on its heartbeat port", now)
+
     def next_deadline(self) -> float | None:
         starts = [t.round_start + self.cfg.interval for t in self.tracks.values() if t.round_start >= 0]
         if any(t.round_start < 0 for t in self.tracks.values()):
@@ -206,7 +238,8 @@ class Detector:
 
     def stats(self) -> dict[str, dict[str, object]]:
         return {n: {"state": t.state, "addr": t.addr, "rounds": t.rounds, "probes": t.probes_sent,
-                    "answers": t.answers, "tag_answers": t.tag_answers, "misses": t.misses}
+                    "answers": t.answers, "tag_answers": t.tag_answers, "refusals": t.refusals,
+                    "misses": t.misses}
                 for n, t in self.tracks.items()}
 
 
@@ -223,6 +256,35 @@ def set_rt_priority(priority: int) -> bool:
     except (OSError, AttributeError) as exc:
         log.warning("cannot run heartbeats at SCHED_FIFO %d: %s", priority, exc)
         return False
+
+
+def refusal(data: bytes, ancdata: list[tuple[int, int, bytes]], dst: object, port: int) -> tuple[str, int] | None:
+    """One message of a socket's error queue (``recvmsg(..., MSG_ERRQUEUE)``) →
+    (GPN address, probe seq) when it says that GPN's own host refused our probe: ICMP
+    port unreachable, sent by the address the probe went to, on our heartbeat port,
+    quoting a heartbeat probe. Anything else (a router's host unreachable, a foreign
+    datagram): None."""
+    if not isinstance(dst, tuple) or len(dst) < 2 or dst[1] != port:
+        return None
+    for level, typ, blob in ancdata:
+        if level != socket.IPPROTO_IP or typ != IP_RECVERR or len(blob) < SOCK_EE.size + 8:
+            continue
+        ee_errno, origin, icmp_type, icmp_code, _pad, _info, _data = SOCK_EE.unpack_from(blob)
+        if ee_errno != errno.ECONNREFUSED or origin != SO_EE_ORIGIN_ICMP \
+                or (icmp_type, icmp_code) != (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH):
+            return None
+        family = struct.unpack_from("=H", blob, SOCK_EE.size)[0]
+        if family != socket.AF_INET:
+            return None
+        offender = socket.inet_ntoa(blob[SOCK_EE.size + 4:SOCK_EE.size + 8])
+        if offender != dst[0]:
+            return None
+        try:
+            m = unpack(data)
+        except HeartbeatError:
+            return None
+        return (dst[0], m.seq) if m.type == PROBE else None
+    return None
 
 
 class HeartbeatMonitor:
@@ -242,6 +304,8 @@ class HeartbeatMonitor:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        # ICMP errors on this unconnected socket go to its error queue (see _errors)
+        self.sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         self.sock.bind((bind_addr, port))
         self.sock.setblocking(False)
         self._port = port
@@ -263,15 +327,57 @@ class HeartbeatMonitor:
         with self._lock:
             return self.detector.stats()
 
-    def _drain(self) -> None:
+    def _errors(self) -> list[Transition]:
+        """Read the socket's ICMP error queue: a port unreachable sent by a GPN's own
+        address about one of our probes to it is a refusal (``Detector.on_refused``)."""
+        trans: list[Transition] = []
+        while True:
+            try:
+                data, anc, _flags, dst = self.sock.recvmsg(256, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return trans
+            except OSError as exc:
+                log.warning("heartbeat socket error queue: %s", exc)
+                return trans
+            parsed = refusal(data, anc, dst, self._port)
+            if parsed is None:
+                continue
+            addr, seq = parsed
+            with self._lock:
+                tr = self.detector.on_refused(addr, seq, self._clock())
+            if tr is not None:
+                trans.append(tr)
+
+    def _send(self, data: bytes, addr: str) -> list[Transition]:
+        """Send one probe. An ICMP error that arrived meanwhile (about *another* GPN's
+        probe) is reported by the kernel on the socket's next call, this send: read it
+        (it may be a refusal) and send again, so that one dead GPN never costs a healthy
+        one its probe. Any other failure (no route) just misses the round."""
+        trans: list[Transition] = []
+        for _attempt in range(3):
+            try:
+                self.sock.sendto(data, (addr, self._port))
+                return trans
+            except OSError as exc:
+                if exc.errno not in _PENDING_ICMP:
+                    return trans
+                trans += self._errors()
+        return trans
+
+    def _drain(self) -> list[Transition]:
+        """Receive every queued answer; returns the transitions refusals caused."""
+        trans = self._errors()
         while True:
             try:
                 data, (addr, _port) = self.sock.recvfrom(2048)
             except BlockingIOError:
-                return
+                return trans
             except OSError as exc:
+                if exc.errno in _PENDING_ICMP:
+                    trans += self._errors()  # the pending error was reported; its details are queued
+                    continue
                 log.warning("heartbeat socket: %s", exc)
-                return
+                return trans
             try:
                 m = unpack(data)
             except HeartbeatError:
@@ -289,16 +395,14 @@ class HeartbeatMonitor:
             wait = 0.05 if deadline is None else max(0.0, deadline - now)
             if wait > 0:
                 select.select([self.sock], [], [], min(wait, 0.05))
-            self._drain()
+            refused = self._drain()
             now = self._clock()
             with self._lock:
                 probes, trans = self.detector.tick(now)
+            trans = refused + trans
             ts = time.monotonic_ns()
             for _name, addr, seq in probes:
-                try:
-                    self.sock.sendto(pack(Message(PROBE, seq, ts)), (addr, self._port))
-                except OSError:
-                    pass  # unreachable next hop: the round is simply missed
+                trans += self._send(pack(Message(PROBE, seq, ts)), addr)
             for tr in trans:
                 try:
                     self._on_transition(tr)

@@ -47,6 +47,17 @@ GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shor
 # answers the GMN's mirror writes without waiting behind the agents and the engines
 # (docs/gmn-ha.md, "Replication latency"). Below the HA relays' 10.
 ETCD_RT_PRIORITY = 5
+# The GMNs' agents and charons in the same class, below etcd: a migration or a recovery
+# from a dead GPN is a chain of their round trips (charon, the agent, etcd), and here the
+# data path and the load saturate both CPUs. Measured (docs/bench.md): migration switch
+# 52.9 -> 21.9 ms, failover outage 166 -> 132 ms against raising also the GIN/GEN agent
+# and the GPN agents, which preempted the data path they share the CPUs with.
+CONTROL_RT_PRIORITY = 4
+# every GPN probed (or tag-answered) this often (the agent's default is 10 ms); dead after
+# 3 misses, or at once when the GPN's host refuses a probe (its engine is gone). On this
+# 2-CPU lab machine a busy Python GPN must not be declared dead by accident: 10 ms saw
+# false declarations under 300 Mbit/s, 20 ms during a drain of 20 tunnels at once
+HB_INTERVAL_MS = 50
 
 
 def copy_logs(tb: "Testbed", dest: str | os.PathLike[str]) -> Path:
@@ -59,7 +70,10 @@ def copy_logs(tb: "Testbed", dest: str | os.PathLike[str]) -> Path:
 
 def rt_permitted() -> bool:
     """Whether this host lets us start processes in the real-time class (not in every
-    container: CAP_SYS_NICE, and a cgroup with real-time budget)."""
+    container: CAP_SYS_NICE, and a cgroup with real-time budget). ``PROTEGO_TESTBED_RT=0``
+    in the environment keeps everything in the normal class (for comparisons)."""
+    if os.environ.get("PROTEGO_TESTBED_RT", "1") == "0":
+        return False
     try:
         return subprocess.run(["chrt", "--rr", "1", "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
@@ -223,8 +237,10 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
         st.save()
 
     rt = ETCD_RT_PRIORITY if rt_permitted() else 0
+    st.extra["control_rt"] = bool(rt)
     if not rt:
-        progress("etcd runs in the normal scheduling class (the real-time class is not permitted here)")
+        progress("etcd and the control plane run in the normal scheduling class (the real-time class is "
+                 "not permitted here)")
     cluster = EtcdCluster(
         f"{st.name}-etcd", str(st.root / "etcd"), str(st.logs), members=topo.etcd_members,
         client_hosts=plan.etcd_addrs, netns=plan.ns("mgmt"), on_state=journal_etcd, rt_priority=rt,
@@ -375,12 +391,21 @@ def fabric_addr(tb: Testbed, node: str) -> str:
     return next(v.addrs_b[0].split("/")[0] for v in tb.plan.veths if v.ns_b == tb.ns(node) and v.name_b == "fab0")
 
 
-def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: tuple[str, ...] = ()) -> procs.ProcRecord:
-    """A protego agent inside ``node``'s namespace, logging to logs/<node>.<kind>.log."""
+def _control_rt(tb: Testbed) -> list[str]:
+    """The command prefix that starts a control-plane process in the real-time class
+    (empty where this host does not permit it)."""
+    return ["chrt", "--rr", str(CONTROL_RT_PRIORITY)] if tb.state.extra.get("control_rt") else []
+
+
+def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: tuple[str, ...] = (),
+                 rt: bool = False) -> procs.ProcRecord:
+    """A protego agent inside ``node``'s namespace, logging to logs/<node>.<kind>.log;
+    ``rt``: the whole process in the control plane's real-time class."""
     st = tb.state
     rec = procs.spawn(
         node, kind, tb.ns(node),
-        [sys.executable, "-m", "protego", "-v", "--etcd", ",".join(st.etcd_endpoints), *root_args, *args],
+        [*(_control_rt(tb) if rt else []), sys.executable, "-m", "protego", "-v", "--etcd",
+         ",".join(st.etcd_endpoints), *root_args, *args],
         st.logs / f"{node}.{kind}.log",
     )
     st.procs.append(rec)
@@ -389,10 +414,8 @@ def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: 
 
 
 def _start_lb(tb: Testbed) -> None:
-    # probes every 50 ms (the agent's default is 10 ms): on a busy 2-core lab machine a
-    # starved Python responder must not be declared dead by accident
     args = ["lb", "run", "--role", "both", "--node", "lb", "--hb-bind", fabric_addr(tb, "lb"),
-            "--hb-interval-ms", "50", "--cleanup-on-exit"]
+            "--hb-interval-ms", str(HB_INTERVAL_MS), "--cleanup-on-exit"]
     for e in tb.state.etcd_endpoints:
         args += ["--etcd", e]
     # no --vip: the GIN learns every tenant's VIP from etcd (tenants/<t>)
@@ -426,7 +449,7 @@ def _start_gmn(tb: Testbed, node: str) -> None:
                                                   "--plugin-socket", str(plugin_sock),
                                                   "--fabric-addr", fabric_addr(tb, node),
                                                   # etcd's shortest lease (its default election timeout)
-                                                  "--lease-ttl", str(GMN_LEASE_TTL)])
+                                                  "--lease-ttl", str(GMN_LEASE_TTL)], rt=True)
     _wait_path(plugin_sock, agent, f"the gmn agent on {node}")
     start_gmn_charon(tb, node)
 
@@ -444,7 +467,7 @@ def start_gmn_charon(tb: Testbed, node: str) -> procs.ProcRecord:
     if vici_sock.exists():
         vici_sock.unlink()
     charon = procs.spawn(
-        node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",
+        node, "charon", tb.ns(node), [*_control_rt(tb), CHARON], st.logs / f"{node}.charon.stdout.log",
         private_run=True, env={"STRONGSWAN_CONF": str(conf)},
     )
     st.procs.append(charon)

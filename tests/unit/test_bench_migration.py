@@ -36,6 +36,9 @@ def test_tables_say_whether_targets_are_met() -> None:
     out = format_migration(mig)
     assert "dip_pct (worst)" in out and "NO" in out.split("dip_pct (worst)")[1].splitlines()[0]
     fo = {"trials": 10, "detect_ms": 160.0, "outage_ms": 250.0, "outage_p95_ms": 400.0, "ike_renegotiated": False,
-          "rate_mbps": 300.0, "probe_interval_ms": 1.0, "wall_s": 90.0, "cpus": 2,
+          "rate_mbps": 300.0, "direction": "to-site", "probe_interval_ms": 1.0, "wall_s": 90.0, "cpus": 2,
+          "false_declarations": 1,
           "targets": {"outage_ms": {"op": "<=", "bound": 100.0, "met": False}}}
-    assert "outage_ms (median)  250.0" in format_failover(fo)
+    out = format_failover(fo)
+    assert "outage_ms (median)          250.0" in out and "offered to-site" in out
+    assert "NO" in out.split("healthy GPNs declared dead")[1].splitlines()[0]

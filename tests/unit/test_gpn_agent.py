@@ -245,3 +245,13 @@ def test_report_writes_counters_only_for_existing_records() -> None:
     assert etcd.data[f"{PREFIX}sastats/203.0.113.11/00002002"]["rekey_requested"] is True
     load = etcd.data[f"{PREFIX}gpn/load/gpn1"]
     assert load["drops"] == {"replayed": 2} and load["counters"] == {"esp_in": 5} and load["sas"] == 2
+
+
+def test_record_vips_every_tunnel_well_formed_only() -> None:
+    from protego.gpn.agent import record_vips
+
+    keys = [f"{PREFIX}sas/203.0.113.11/0000abcd", f"{PREFIX}sas/203.0.113.12/00001234",
+            f"{PREFIX}sas/203.0.113.11/00005678", f"{PREFIX}sas/not-an-ip/00000001",
+            f"{PREFIX}sas/203.0.113.13", f"{PREFIX}sas/203.0.113.14/1/2"]
+    assert record_vips(keys) == {"203.0.113.11", "203.0.113.12"}
+    assert record_vips([]) == set()

@@ -167,3 +167,57 @@ def test_classify_raw() -> None:
     vx = struct.pack("!HHHH", 1234, 4789, 16, 0) + struct.pack("!II", 0x08000000, 1001 << 8)
     assert classify_raw(_ip(17, tag, vx), 0x37) == hb.TagInfo(17, 0x37, 1001, 0)
     assert classify_raw(b"\x60" + bytes(40), 0x37) is None
+
+
+def test_refusal_declares_dead_at_once_only_for_recent_probes() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I, misses=3))
+    det.set_gpns({"gpn1": "192.0.2.21", "gpn2": "192.0.2.22"})
+    probes, _ = det.tick(0.0)
+    seq1 = next(s for n, _a, s in probes if n == "gpn1")
+    seq2 = next(s for n, _a, s in probes if n == "gpn2")
+    assert det.on_refused("192.0.2.21", seq2, 0.001) is None  # gpn2's probe, "refused" by gpn1
+    assert det.on_refused("192.0.2.99", seq1, 0.001) is None  # not a GPN of ours
+    assert det.on_refused("192.0.2.21", seq1 + 100, 0.001) is None  # never sent
+    assert det.tracks["gpn1"].state == "unknown"
+    tr = det.on_refused("192.0.2.21", seq1, 0.002)
+    assert tr is not None and (tr.gpn, tr.state, tr.at) == ("gpn1", "dead", 0.002)
+    assert "refused" in tr.reason
+    assert det.on_refused("192.0.2.21", seq1, 0.003) is None  # already dead: no second declaration
+    assert det.tracks["gpn1"].refusals == 2 and det.tracks["gpn2"].state == "unknown"
+    # it comes back like any dead GPN: `recover` answered rounds
+    _, trans = det.tick(I)
+    assert trans == []
+    got = run(det, I, 12, answer={"gpn1", "gpn2"})
+    assert sorted((t.gpn, t.state) for t in got) == [("gpn1", "alive"), ("gpn2", "alive")]
+
+
+def test_refusal_can_be_turned_off() -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I, refused_is_dead=False))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    probes, _ = det.tick(0.0)
+    assert det.on_refused("192.0.2.21", probes[0][2], 0.001) is None
+    assert det.tracks["gpn1"].state == "unknown"
+
+
+def _errqueue(errno_: int, origin: int, icmp: tuple[int, int], offender: str) -> list[tuple[int, int, bytes]]:
+    import socket
+
+    ee = hb.SOCK_EE.pack(errno_, origin, icmp[0], icmp[1], 0, 0, 0)
+    sin = struct.pack("=HH4s8x", socket.AF_INET, 0, socket.inet_aton(offender))
+    return [(socket.IPPROTO_IP, hb.IP_RECVERR, ee + sin)]
+
+
+def test_refusal_parses_only_port_unreachable_from_the_gpn_itself() -> None:
+    import errno
+
+    probe = hb.pack(hb.Message(hb.PROBE, 42, 0))
+    ok = _errqueue(errno.ECONNREFUSED, hb.SO_EE_ORIGIN_ICMP, (3, 3), "192.0.2.21")
+    assert hb.refusal(probe, ok, ("192.0.2.21", 7471), 7471) == ("192.0.2.21", 42)
+    assert hb.refusal(probe, ok, ("192.0.2.21", 9999), 7471) is None  # not our heartbeat port
+    assert hb.refusal(hb.pack(hb.Message(hb.ANSWER, 42, 0)), ok, ("192.0.2.21", 7471), 7471) is None
+    assert hb.refusal(b"junk", ok, ("192.0.2.21", 7471), 7471) is None
+    router = _errqueue(errno.EHOSTUNREACH, hb.SO_EE_ORIGIN_ICMP, (3, 1), "192.0.2.1")
+    assert hb.refusal(probe, router, ("192.0.2.21", 7471), 7471) is None
+    relayed = _errqueue(errno.ECONNREFUSED, hb.SO_EE_ORIGIN_ICMP, (3, 3), "192.0.2.1")  # someone else says so
+    assert hb.refusal(probe, relayed, ("192.0.2.21", 7471), 7471) is None
+    assert hb.refusal(probe, [], ("192.0.2.21", 7471), 7471) is None
