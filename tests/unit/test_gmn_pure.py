@@ -137,3 +137,52 @@ def test_sa_record() -> None:
     assert rec["vni"] == 1001 and ipaddress.ip_address(rec["vip"]) == ipaddress.ip_address("203.0.113.11")
     assert rec["lifetimes"]["time_rekey"] == 3600
     assert "Secret" not in repr(sa.enc_key) and "00010203" not in repr(sa)
+
+
+# ------------------------------------------------------------------ catching up with our own writes
+
+
+def _catch_up_agent(apply_timeout: float):  # type: ignore[no-untyped-def]
+    """Only what GmnAgent._catch_up touches: the view, its condition, our last write."""
+    import threading
+    from types import SimpleNamespace
+
+    from protego.gmn.agent import GmnAgent
+    from protego.store.view import PrefixView
+
+    a = GmnAgent.__new__(GmnAgent)
+    a._applied = threading.Condition()
+    a.view = PrefixView(on_change=lambda: a._on_view_change())
+    a._wake = threading.Event()
+    a.cfg = SimpleNamespace(apply_timeout=apply_timeout)
+    a._own_rev = 0
+    return a
+
+
+def test_catch_up_waits_for_the_view_to_hold_our_own_write() -> None:
+    import threading
+    import time
+
+    agent = _catch_up_agent(5.0)
+    agent.view.on_snapshot(10, [])
+    agent._own_rev = 12  # our transaction, not yet delivered by the watch
+    t0 = time.monotonic()
+    threading.Timer(0.15, lambda: agent.view.on_snapshot(12, [])).start()
+    agent._catch_up()
+    waited = time.monotonic() - t0
+    assert agent.view.revision == 12 and 0.1 <= waited < 2.0
+    t0 = time.monotonic()
+    agent._catch_up()  # up to date: returns at once
+    assert time.monotonic() - t0 < 0.05
+
+
+def test_catch_up_gives_up_after_the_apply_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    agent = _catch_up_agent(0.2)
+    agent.view.on_snapshot(10, [])
+    agent._own_rev = 11
+    t0 = time.monotonic()
+    agent._catch_up()
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+    assert "not yet at our own write 11" in caplog.text
