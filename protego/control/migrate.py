@@ -9,6 +9,7 @@ progress in the same key: ``requested`` → ``rekeying`` (+ ``switched``) → ``
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Any
 
 from protego.control.model import PREFIX, tunnel_key
 from protego.errors import ConfigError, ConflictError, PeerError
-from protego.store.etcd import Etcd, PutOp, key_absent, key_present
+from protego.store.etcd import KV, Etcd, PutOp, key_absent, key_present
+from protego.store.view import PrefixView
 
 MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
 
@@ -53,29 +55,50 @@ def request_migration(etcd: Etcd, tenant: str, tunnel: str, target: str) -> floa
 
 
 def wait_migration(etcd: Etcd, tenant: str, tunnel: str, timeout: float = 45.0,
-                   progress: Callable[[str], None] | None = None, poll: float = 0.02) -> MigrationResult:
+                   progress: Callable[[str], None] | None = None, poll: float = 1.0) -> MigrationResult:
+    """Follow the request's key until it reads ``done`` or ``failed`` (then remove it).
+
+    The key is *watched*: every state the GMN writes is seen as it lands, and etcd is
+    not asked again and again (a drain waits on several migrations at once, and etcd
+    shares its CPUs with the GMN, which answers charon only after etcd answered it).
+    ``poll``: a read of the key anyway if the watch stayed silent that long."""
     key = request_key(tenant, tunnel)
+    changed = threading.Event()
+    view = PrefixView(on_change=changed.set)
+    watch = etcd.snapshot_and_watch(key, view, name=f"migrate-{tenant}-{tunnel}")
     deadline = time.monotonic() + timeout
     last_state = None
-    req: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        kv = etcd.get(key)
-        if kv is None:
-            raise PeerError(f"the migration request of {tenant}/{tunnel} vanished")
-        req = kv.json()
-        state = req.get("state")
-        if state != last_state and progress:
-            progress(f"{tenant}/{tunnel}: {state}" + (f" ({req['detail']})" if req.get("detail") else ""))
-        last_state = state
-        if state in ("done", "failed"):
-            etcd.delete(key)
-            t0 = float(req["requested"])
-            return MigrationResult(
-                tenant, tunnel, req.get("from"), req["to"], state, req.get("detail", ""),
-                (float(req["switched"]) - t0) * 1000 if req.get("switched") else None,
-                (float(req.get("finished", time.time())) - t0) * 1000,
-            )
-        time.sleep(poll)
+    direct: KV | None = None  # read from etcd itself after a silent `poll`
+    try:
+        while time.monotonic() < deadline:
+            changed.clear()
+            if direct is not None:
+                kv, direct = direct, None
+            elif view.synced.is_set():
+                kv = view.get(key)  # a prefix watch: only our exact key counts
+            else:
+                kv = etcd.get(key)
+            if kv is None:
+                raise PeerError(f"the migration request of {tenant}/{tunnel} vanished")
+            req: dict[str, Any] = kv.json()
+            state = req.get("state")
+            if state != last_state and progress:
+                progress(f"{tenant}/{tunnel}: {state}" + (f" ({req['detail']})" if req.get("detail") else ""))
+            last_state = state
+            if state in ("done", "failed"):
+                etcd.delete(key)
+                t0 = float(req["requested"])
+                return MigrationResult(
+                    tenant, tunnel, req.get("from"), req["to"], state, req.get("detail", ""),
+                    (float(req["switched"]) - t0) * 1000 if req.get("switched") else None,
+                    (float(req.get("finished", time.time())) - t0) * 1000,
+                )
+            if not changed.wait(max(0.0, min(poll, deadline - time.monotonic()))):
+                direct = etcd.get(key)  # the watch stayed silent: etcd itself
+                if direct is None:
+                    raise PeerError(f"the migration request of {tenant}/{tunnel} vanished")
+    finally:
+        watch.cancel()
     etcd.delete(key)
     raise PeerError(f"migration of {tenant}/{tunnel} did not finish within {timeout:.0f} s "
                     f"(last state {last_state!r}); is a GMN agent active?")
