@@ -3,6 +3,7 @@ ways to look at it (SA records, the sites' IKE SAs, the GPNs' counters, probe st
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,13 +17,17 @@ PREFIX = "/protego/v1/"
 
 
 def default_testbed(prefix: str) -> Iterator[tbmod.Testbed]:
-    """Body of a module fixture: the default topology in protego mode, tunnels up."""
+    """Body of a module fixture: the default topology in protego mode, tunnels up.
+    ``PROTEGO_TEST_KEEP_LOGS=DIR``: the testbed's logs are copied to DIR/<name> first."""
     name = unique_name(prefix)
     bed = tbmod.up(load_topology(None), name=name, mode="protego")
     try:
         tbmod.wait_for_tunnels(bed, 60)
         yield bed
     finally:
+        keep = os.environ.get("PROTEGO_TEST_KEEP_LOGS")
+        if keep:
+            tbmod.copy_logs(bed, os.path.join(keep, name))
         tbmod.down(name)
 
 
