@@ -50,8 +50,9 @@ ETCD_RT_PRIORITY = 5
 # The GMNs' agents and charons in the same class, below etcd: a migration or a recovery
 # from a dead GPN is a chain of their round trips (charon, the agent, etcd), and here the
 # data path and the load saturate both CPUs. Measured (docs/bench.md): migration switch
-# 52.9 -> 21.9 ms, failover outage 166 -> 132 ms against raising also the GIN/GEN agent
-# and the GPN agents, which preempted the data path they share the CPUs with.
+# 48.3 -> 24.9 ms median. Raising the GIN/GEN agent and the GPN agents as well made the
+# failover outage worse (166 against 132 ms): they preempted the data path they share
+# the CPUs with.
 CONTROL_RT_PRIORITY = 4
 # every GPN probed (or tag-answered) this often (the agent's default is 10 ms); dead after
 # 3 misses, or at once when the GPN's host refuses a probe (its engine is gone). On this
