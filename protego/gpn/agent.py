@@ -316,6 +316,12 @@ class GpnAgent:
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> None:
         assert self.engine is not None
+        # the revisions this pass applies, read *before* the views' contents: the watches
+        # go on delivering meanwhile, and acknowledging the views' revisions at the end of
+        # the pass claimed transactions that landed during it, not applied (seen: the
+        # GMN released charon on an inbound SA this GPN installed 60 ms later, and the
+        # peer's first packets on it were dropped as unknown_spi)
+        sas_rev, steer_rev = self.sas_view.revision, self.steer_view.revision
         # parse each record once per mod_revision (reconcile runs on every change)
         want: dict[str, tuple[int, int, GpnSa]] = {}
         bad: dict[str, str] = {}
@@ -409,13 +415,13 @@ class GpnAgent:
             self._hosts = hosts
         # every SA the GMN places writes sas/ and steer/ in one transaction, so both
         # views reach its revision: the minimum says both were applied (SA and egress)
-        self._ack(min(self.sas_view.revision, self.steer_view.revision))
+        self._ack(min(sas_rev, steer_rev), sas_rev)
 
-    def _ack(self, revision: int) -> None:
+    def _ack(self, revision: int, sas_rev: int) -> None:
         """Publish the etcd revision the data path now reflects (``gpn/applied/<gpn>``):
         the GMN holds charon's ``add_sa`` until the SA's GPN has acknowledged it, so a
-        peer never uses a new SA the data path does not have yet."""
-        sas_rev = self.sas_view.revision
+        peer never uses a new SA the data path does not have yet. ``sas_rev``: the
+        revision of ``sas/`` this pass installed."""
         if (revision <= self._acked[0] and sas_rev <= self._acked[1]) or self.etcd is None or self._lease is None:
             return
         # sas_revision alone: the SAs are installed (what an SA the GMN does not steer to

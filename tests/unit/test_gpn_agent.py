@@ -14,7 +14,7 @@ from protego.errors import ConfigError
 from protego.gpn import agent as agent_mod
 from protego.gpn.agent import GpnAgent, GpnConfig, choose_backend, desired_sas, egress_routes
 from protego.gpn.records import GpnSa, parse_sa_record
-from protego.store.etcd import KV
+from protego.store.etcd import KV, Event, EventType
 from protego.xfrm.probe import EspProbeResult
 
 KEY = os.urandom(20)
@@ -255,3 +255,30 @@ def test_record_vips_every_tunnel_well_formed_only() -> None:
             f"{PREFIX}sas/203.0.113.13", f"{PREFIX}sas/203.0.113.14/1/2"]
     assert record_vips(keys) == {"203.0.113.11", "203.0.113.12"}
     assert record_vips([]) == set()
+
+
+def test_ack_claims_only_the_revisions_the_pass_applied() -> None:
+    """A watch delivers a new SA while a reconcile pass runs: the pass must acknowledge
+    the revisions it read, not the views' revisions when it ends (the GMN releases
+    charon on that acknowledgement, and the peer then sends on the SA)."""
+    a = agent_with({0x1001: (11, rec(0x1001, "in"))})
+    a.steer_view.on_snapshot(100, [])
+    acks: list[tuple[int, int]] = []
+    a._ack = lambda revision, sas_rev: acks.append((revision, sas_rev))  # type: ignore[method-assignment]
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    real_add = eng.add_sa
+
+    def add_and_deliver(g: GpnSa, update: bool = False) -> None:
+        real_add(g, update)
+        if g.spi == 0x1001:  # meanwhile, the next transaction (revision 101) arrives
+            new = KV(f"{PREFIX}sas/203.0.113.11/00001002", json.dumps(rec(0x1002, "in")).encode(), 101, 101, 1)
+            a.sas_view.on_events([Event(EventType.PUT, new)])
+            a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00001002", b"{}",
+                                                             101, 101, 1))])
+
+    eng.add_sa = add_and_deliver  # type: ignore[method-assignment]
+    a.reconcile()
+    assert ("in", 0x1002) not in eng.sas  # not in this pass
+    assert acks[-1] == (100, 100)  # not 101: that SA is not installed yet
+    a.reconcile()
+    assert ("in", 0x1002) in eng.sas and acks[-1] == (101, 101)
