@@ -42,6 +42,8 @@ from typing import Any
 
 import click
 
+from protego.bench.migration import keep_logs_option
+
 PREFIX = "/protego/v1/"
 TARGETS = {"esp_lost_packets": ("==", 0), "renegotiated_tunnels": ("==", 0), "takeover_ms": ("<=", 1000.0),
            "replication_ms_p99": ("<=", 20.0)}
@@ -325,8 +327,7 @@ def format_table(res: dict[str, Any]) -> str:
 @click.option("--trials", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--mode", type=click.Choice(["charon", "link"]), default="charon", show_default=True,
               help="charon: SIGKILL of the active GMN's charon; link: the active GMN's links go down.")
-@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
-              help="Copy the testbed's logs (agents, relays, charons) into this directory before teardown.")
+@keep_logs_option
 def bench_gmn_failover(as_json: bool, trials: int, mode: str, keep_logs: str | None) -> None:
     """The active GMN fails under traffic: replication latency, takeover time, ESP loss."""
     from protego.errors import ProtegoError

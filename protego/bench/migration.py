@@ -196,8 +196,7 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
         rows: list[dict[str, Any]] = []
         with UdpProbe(tb.ns(f"s-{site.name}-h1"), tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]),
                       interval_ms=probe_ms) as probe:
-            mon = RateMonitor(tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]), tb.ns(f"s-{site.name}-h1"),
-                              rate)
+            mon = RateMonitor(*_load_ends(tb, site, tenant, "from-site"), rate)
             try:
                 time.sleep(2.0)
                 with tb.etcd() as e:
@@ -421,6 +420,11 @@ def _run(name: str, fn: Callable[[Progress], dict[str, Any]], fmt: Callable[[dic
     click.echo(json.dumps(res) if as_json else fmt(res))
 
 
+keep_logs_option = click.option(
+    "--keep-logs", type=click.Path(file_okay=False), default=None,
+    help="Copy the testbed's logs (agents, charons, etcd) into this directory before teardown.")
+
+
 @click.command("migration")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--count", type=click.IntRange(1, 1000), default=20, show_default=True, help="Migrations.")
@@ -428,8 +432,7 @@ def _run(name: str, fn: Callable[[Progress], dict[str, Any]], fmt: Callable[[dic
               help="TCP load cap, bits/s.")
 @click.option("--probe-ms", type=click.FloatRange(0.5, 100), default=2.0, show_default=True,
               help="Interval of the sequence-numbered UDP probe.")
-@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
-              help="Copy the testbed's logs (agents, charons, etcd) into this directory before teardown.")
+@keep_logs_option
 def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float, keep_logs: str | None) -> None:
     """Live migration under load: lost packets, switch time, throughput dip."""
     _run("migration", lambda p: run_migration(count, rate, probe_ms, p, keep_logs), format_migration, as_json)
@@ -446,8 +449,7 @@ def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float, kee
               help="Load from the tenant's host to the site's (to-site) or back. from-site overloads the "
                    "test site's kernel-libipsec sender (about 95 Mbit/s here), whose unbounded queue then "
                    "delays its IKE answers by seconds: docs/bench.md.")
-@click.option("--keep-logs", type=click.Path(file_okay=False), default=None,
-              help="Copy the testbed's logs (agents, charons, etcd) into this directory before teardown.")
+@keep_logs_option
 def bench_failover(as_json: bool, trials: int, rate: float, probe_ms: float, direction: str,
                    keep_logs: str | None) -> None:
     """GPN failure under load: detection time and traffic outage."""
