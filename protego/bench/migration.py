@@ -15,11 +15,13 @@ site's first host to its tenant's first host:
 
 ``migration``: ``--count`` migrations back and forth between two GPNs through the same
 API the CLI uses. ``lost_packets``: probe datagrams lost over all of them (either
-direction). ``switch_ms``: median time from the request to the GMN's record that both new
-SAs are installed on the target, acknowledged by the target GPN and the GIN/GEN, and the
-tunnel's outbound traffic steered there, as the GMN took it when the last of those
-acknowledgements arrived (charon then deletes the old SA, upon which the peer sends on
-the new one too). ``dip_pct``: per migration, the lowest 100 ms throughput
+direction). ``switch_ms``: median time from the request until traffic runs through the
+target both ways, the later of (outbound) the GMN's record that the new outbound SA is
+installed on the target and the GIN/GEN steer the tunnel's traffic there, as the GMN took
+it when the last acknowledgement arrived, and (inbound) the first packet of the peer on
+the new inbound SA, as the target GPN's worker saw it (``first_use`` in its SA counters;
+the peer sends on it once charon's DELETE of the old SA reached it). Both are printed
+too. ``dip_pct``: per migration, the lowest 100 ms throughput
 from the request until 100 ms after the switch, relative to the median of the second
 before the request; the worst migration is reported.
 
@@ -97,6 +99,11 @@ def _met(targets: dict[str, tuple[str, float]], name: str, value: float | None) 
     return value == bound if op == "==" else value <= bound
 
 
+def _median(xs: list[float | None]) -> float | None:
+    got = [x for x in xs if x is not None]
+    return round(statistics.median(got), 1) if got else None
+
+
 def _pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
@@ -167,6 +174,28 @@ def _placement(e: Any, tenant: str, tunnel: str) -> str:
     return str((e.get_json(f"{PREFIX}placement/{tenant}/{tunnel}") or {}).get("gpn", ""))
 
 
+def _first_inbound(e: Any, tenant: str, tunnel: str, gpn: str, since: float, timeout: float = 5.0) -> float | None:
+    """When the first packet on the tunnel's newest inbound SA on ``gpn`` arrived there
+    (the GPN reports it with the SA's counters, ``first_use``, every couple of seconds):
+    the peer's traffic runs through the new GPN from then. None if not reported in
+    ``timeout`` seconds, or if that SA is older than ``since``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _rev, kvs = e.get_prefix(f"{PREFIX}sas/")
+        recs = [kv.json() for kv in kvs]
+        new = [r for r in recs if isinstance(r, dict) and r.get("tenant") == tenant and r.get("tunnel") == tunnel
+               and r.get("direction") == "in" and r.get("gpn") == gpn]
+        if new:
+            rec = max(new, key=lambda r: float(r.get("created", 0)))
+            if float(rec.get("created", 0)) >= since:
+                first = (e.get_json(f"{PREFIX}sastats/{rec['vip']}/{rec['spi']}") or {}).get("first_use")
+                if first:
+                    return float(first)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.25)
+
+
 def _wait(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
     from protego.errors import TestbedError
 
@@ -205,11 +234,16 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
                         target = next(g for g in gpns if g != here)
                         t_req = time.time()
                         res = migrate(e, tenant.name, site.name, target, timeout=60)
-                        switched = t_req + (res.switch_ms or 0) / 1000
+                        first_in = _first_inbound(e, tenant.name, site.name, target, t_req)
+                        in_ms = None if first_in is None else (first_in - t_req) * 1000
+                        both = None if res.switch_ms is None or in_ms is None else max(res.switch_ms, in_ms)
+                        switched = t_req + (both or res.switch_ms or 0) / 1000
                         time.sleep(0.3)  # the samples after the switch arrive
                         dip = dip_pct(mon.samples, t_req, switched)
                         rows.append({"n": i + 1, "from": res.source, "to": res.target, "state": res.state,
-                                     "switch_ms": None if res.switch_ms is None else round(res.switch_ms, 1),
+                                     "switch_ms": None if both is None else round(both, 1),
+                                     "out_ms": None if res.switch_ms is None else round(res.switch_ms, 1),
+                                     "in_ms": None if in_ms is None else round(in_ms, 1),
                                      "done_ms": round(res.total_ms, 1),
                                      "dip_pct": None if dip is None else round(dip, 1), "detail": res.detail})
                         progress(f"migration {i + 1}/{count}: {res.source} -> {res.target} {res.state}, "
@@ -234,6 +268,9 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
         "probe_sent": pr.sent, "probe_interval_ms": probe_ms,
         "switch_ms": round(statistics.median(switch), 1) if switch else None,
         "switch_p95_ms": _pct(switch, 95),
+        "switch_unmeasured": sum(1 for r in rows if r["switch_ms"] is None),
+        "out_ms_median": _median([r["out_ms"] for r in rows]),
+        "in_ms_median": _median([r["in_ms"] for r in rows]),
         "done_ms_median": round(statistics.median([r["done_ms"] for r in rows]), 1) if rows else None,
         "dip_pct": max(dips) if dips else None, "dip_median_pct": round(statistics.median(dips), 1) if dips else None,
         "load_mbps": None if load_bps is None else round(load_bps / 1e6, 1), "load_cap_mbps": round(rate / 1e6, 1),
@@ -379,6 +416,8 @@ def format_migration(res: dict[str, Any]) -> str:
         ["lost_packets (probe, both ways)", str(res["lost_packets"]), *_t(res, "lost_packets")],
         ["switch_ms (median)", str(res["switch_ms"]), *_t(res, "switch_ms")],
         ["switch_ms (p95)", str(res["switch_p95_ms"]), "-", "-"],
+        ["  outbound: GIN/GEN + target acked (median)", str(res["out_ms_median"]), "-", "-"],
+        ["  inbound: peer's first packet at target (median)", str(res["in_ms_median"]), "-", "-"],
         ["dip_pct (worst)", str(res["dip_pct"]), *_t(res, "dip_pct")],
         ["dip_pct (median)", str(res["dip_median_pct"]), "-", "-"],
         ["source cleaned (median ms)", str(res["done_ms_median"]), "-", "-"],

@@ -111,6 +111,10 @@ class _State:
     switched_at: dict[tuple[str, str], float] = field(default_factory=dict)  # both directions acknowledged
     # outbound SAs of our rekeys whose acknowledgement is awaited aside (_await_switch)
     acking_out: set[tuple[str, str]] = field(default_factory=set)
+    # tunnels whose outbound traffic moves to a new SA on another, live GPN once that GPN
+    # has acknowledged it (make before break, _await_switch): tunnel -> the new SA's SPI
+    steer_pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    repair_due: bool = False  # _repair_steering at the next pass (this GMN just became active)
 
 
 class GmnAgent:
@@ -225,6 +229,9 @@ class GmnAgent:
                     self.ha.set_charon(self._charon_pid(), self._conns_ready())
                 if self.state.leader:
                     self._switch_deferred()
+                    if full or self.state.repair_due:
+                        self.state.repair_due = False
+                        self._repair_steering()
                     self._handle_migrations()
                     self._recover_failed_gpns()
                     self._rekey_burnt_outbound()
@@ -400,6 +407,7 @@ class GmnAgent:
                 return  # fenced by the watchdog until the lease is renewed
             if ours and not self.state.leader:
                 self.state.leader = True
+                self.state.repair_due = True
                 log.info("gmn %s is now active", self.cfg.node)
                 self._activate()
             elif not ours and self.state.leader:
@@ -647,16 +655,38 @@ class GmnAgent:
                 log.info("tunnel %s/%s: outbound switch to %08x deferred until the peer deletes the old SA",
                          t, tun, sa.spi)
             else:
-                # the SA and the steering of the tunnel's outbound traffic to it in one
-                # transaction, also when the tunnel moves to another GPN (a migration, a
-                # recovery): should the GEN switch a moment before the new GPN has the SA,
-                # that GPN's workers hold the tunnel's frames until its route arrives
-                # (ROUTE_HOLD in protego/gpn/worker.py) instead of dropping them
                 steer_key, steer = steer_out_key(t, tun), steer_out_record(owner, gpn, sa.spi, rec["local_ts"])
                 validate_steer_out(steer_key[len(PREFIX):], steer, gpns)
-                ops += [PutOp(steer_key, encode_json(steer)), PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                ops += [PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
+                source = str((self.view.get_json(steer_key) or {}).get("gpn", ""))
+                if sa.initiator and source not in ("", gpn) and source in gpns and not gpns[source].failed:
+                    # our rekey moves the tunnel off a live GPN (a migration, a drain): its
+                    # old outbound SA there goes on working (it lingers there after charon
+                    # deletes it, the peer keeps its inbound twin for seconds), so the
+                    # GIN/GEN switch only once the new GPN has the SA (_await_switch):
+                    # switched together, the GEN was faster than the GPN, and the new GPN
+                    # held the tunnel's frames for tens of ms (a TCP stream's ACKs: a dip)
+                    self.state.steer_pending[(t, tun)] = sa.spi
+                    pending_steer: tuple[str, dict[str, Any]] | None = (steer_key, steer)
+                else:
+                    # the SA and the steering of the tunnel's outbound traffic to it in one
+                    # transaction: a rekey on the same GPN, or a recovery from a dead one
+                    # (the sooner the GEN sends to the new GPN, the better; frames that
+                    # arrive before the SA are held there until its route arrives,
+                    # ROUTE_HOLD in protego/gpn/worker.py, instead of dropped)
+                    ops += [PutOp(steer_key, encode_json(steer))]
+                    pending_steer = None
                 self.state.deferred.pop((t, tun), None)
-            revision = self._sa_txn(ops)
+            if not sa.inbound and sa.initiator and not deferred:
+                # before the transaction: a migration's progress check must not see the
+                # tunnel's new records and take it as switched before they are acknowledged
+                self.state.acking_out.add((t, tun))
+            try:
+                revision = self._sa_txn(ops)
+            except BaseException:
+                self.state.acking_out.discard((t, tun))
+                self.state.steer_pending.pop((t, tun), None)
+                raise
             log.info("tunnel %s/%s: %s SA %08x placed on %s", t, tun, rec["direction"], sa.spi, gpn)
             if sa.inbound and sa.initiator:
                 # our rekey (a migration, a recovery, a lifetime): the peer uses the new
@@ -676,9 +706,8 @@ class GmnAgent:
             # it, the GEN steers to it: frames arriving first are held by the GPN) is awaited
             # aside: the peer's traffic then moves one round of acknowledgements sooner,
             # which is what a recovery from a dead GPN waits for
-            self.state.acking_out.add((t, tun))
-            threading.Thread(target=self._await_switch, args=(gpn, revision, t, tun, sa.spi), daemon=True,
-                             name="gmn-switch-ack").start()
+            threading.Thread(target=self._await_switch, args=(gpn, revision, t, tun, sa.spi, pending_steer),
+                             daemon=True, name="gmn-switch-ack").start()
             return
         # charon answers the peer (or deletes the old SA) only after add_sa returns: hold
         # it until the GPN has installed the SA and the GIN/GEN steer it, so that neither
@@ -687,17 +716,47 @@ class GmnAgent:
         if not sa.inbound and not deferred:
             self.state.switched_at[(t, tun)] = time.time()
 
-    def _await_switch(self, gpn: str, revision: int, tenant: str, tunnel: str, spi: int) -> None:
+    def _await_switch(self, gpn: str, revision: int, tenant: str, tunnel: str, spi: int,
+                      steer: tuple[str, dict[str, Any]] | None = None) -> None:
         """The acknowledgement of a new outbound SA whose add_sa did not wait for it: both
-        directions now run through ``gpn`` (``switched_at``, a migration's switch time)."""
+        directions now run through ``gpn`` (``switched_at``, a migration's switch time).
+        ``steer`` (the tunnel moves off a live GPN): the steering of its outbound traffic,
+        written once ``gpn`` has acknowledged the SA (make before break)."""
+        what = f"{tenant}/{tunnel} SA {spi:08x}"
         try:
-            self._wait_applied(gpn, revision, f"{tenant}/{tunnel} SA {spi:08x}")
+            if steer is not None:
+                self._wait_applied(gpn, revision, what, sas_only=True)
+                with self._sa_lock:
+                    if self.state.steer_pending.get((tenant, tunnel)) == spi:
+                        self.state.steer_pending.pop((tenant, tunnel), None)
+                        revision = self._switch_steering(tenant, tunnel, spi, *steer)
+                    else:
+                        revision = 0  # a newer SA of the tunnel took over meanwhile
+                if revision:
+                    # a change of steering alone: the GIN/GEN's acknowledgement (the GPN
+                    # routes to its newest outbound SA of the tunnel already, and it
+                    # acknowledges the lower of its SA and steering views' revisions,
+                    # which a steering-only transaction never raises in the former)
+                    self._wait_applied(gpn, revision, what, lb_only=True)
+            else:
+                self._wait_applied(gpn, revision, what)
         except ProtegoError as exc:
             log.warning("tunnel %s/%s: outbound SA %08x: %s", tenant, tunnel, spi, exc)
         finally:
+            if self.state.steer_pending.get((tenant, tunnel)) == spi:
+                self.state.steer_pending.pop((tenant, tunnel), None)
             self.state.switched_at[(tenant, tunnel)] = time.time()
             self.state.acking_out.discard((tenant, tunnel))
             self._kick()
+
+    def _switch_steering(self, tenant: str, tunnel: str, spi: int, key: str, steer: dict[str, Any]) -> int:
+        """Steer the tunnel's outbound traffic to its new SA (``_await_switch``), if that
+        SA's record is still there; the transaction's revision, 0 if it was not written."""
+        self._catch_up()
+        if self._find_record(spi, None) is None:
+            log.info("tunnel %s/%s: outbound SA %08x went before its switch; steering left", tenant, tunnel, spi)
+            return 0
+        return self._sa_txn([PutOp(key, encode_json(steer))])
 
     def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False,
                       lb_only: bool = False) -> None:
@@ -779,6 +838,11 @@ class GmnAgent:
             moves_to: str | None = None
             if rec["direction"] == "in":
                 ops += [DeleteOp(steer_in_key(rec["vip"], spi)), DeleteOp(spi_reservation_key(rec["vip"], spi))]
+            elif self.state.steer_pending.get((rec["tenant"], rec["tunnel"])) not in (None, spi):
+                # the old SA of a tunnel whose traffic moves to its new SA on another GPN
+                # once that GPN has it (_await_switch): that switch moves the steering; the
+                # old SA lingers on its GPN meanwhile (OUTBOUND_LINGER_S in the GPN agent)
+                repoint = []
             else:
                 repoint = self._repoint_outbound(rec, exclude=key)
                 moves_to = next((json.loads(op.value).get("gpn") for op in repoint if isinstance(op, PutOp)), None)
@@ -821,6 +885,31 @@ class GmnAgent:
                 if ops:
                     self._sa_txn(ops)
                     log.info("tunnel %s/%s: deferred outbound switch done after %.0f s", t, tun, DEFER_SWITCH_S)
+
+    def _repair_steering(self) -> None:
+        """Outbound steering that names an SA without a record, while the tunnel has
+        outbound SAs: steer it to the newest. Not a step of any flow here; what a GMN that
+        stopped between a make-before-break SA and its steering (_await_switch) leaves
+        behind for the one that takes over (its old SA has gone, and the GPN that held it
+        keeps it only OUTBOUND_LINGER_S)."""
+        self._catch_up()
+        with self._sa_lock:
+            recs = self.view.json_items(f"{PREFIX}sas/")
+            spis = {(r.get("tenant"), r.get("tunnel"), r.get("spi")) for r in recs.values()
+                    if r.get("direction") == "out"}
+            for key, cur in self.view.json_items(f"{PREFIX}steer/out/").items():
+                parts = key[len(PREFIX) + len("steer/out/"):].split("/")
+                if len(parts) != 2 or not isinstance(cur, dict):
+                    continue
+                t, tun = parts
+                if ((t, tun) in self.state.steer_pending or (t, tun) in self.state.deferred
+                        or (t, tun, cur.get("spi")) in spis or not any(x[:2] == (t, tun) for x in spis)):
+                    continue
+                ops = self._repoint_outbound({"tenant": t, "tunnel": tun, "spi": cur.get("spi")}, exclude="")
+                if ops:
+                    self._sa_txn(ops)
+                    log.warning("tunnel %s/%s: outbound steering named SA %s, which has no record; repaired",
+                                t, tun, cur.get("spi"))
 
     def _repoint_outbound(self, rec: dict[str, Any], exclude: str, force: bool = False) -> list[Any]:
         """After an outbound SA goes, steer the tunnel to its newest remaining outbound SA."""

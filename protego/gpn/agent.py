@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protego.control.model import PREFIX
-from protego.errors import ConfigError, ProtegoError
+from protego.errors import ConfigError, DataplaneError, ProtegoError
 from protego.store.etcd import Etcd, Lease, PutOp, encode_json, key_present
 from protego.store.view import PrefixView
 
@@ -322,6 +322,7 @@ class GpnAgent:
         # GMN released charon on an inbound SA this GPN installed 60 ms later, and the
         # peer's first packets on it were dropped as unknown_spi)
         sas_rev, steer_rev = self.sas_view.revision, self.steer_view.revision
+        requests = self.engine.requests
         # parse each record once per mod_revision (reconcile runs on every change)
         want: dict[str, tuple[int, int, GpnSa]] = {}
         bad: dict[str, str] = {}
@@ -414,7 +415,16 @@ class GpnAgent:
             self.engine.set_hosts(hosts)
             self._hosts = hosts
         # every SA the GMN places writes sas/ and steer/ in one transaction, so both
-        # views reach its revision: the minimum says both were applied (SA and egress)
+        # views reach its revision: the minimum says both were applied (SA and egress).
+        # The engine's requests go to its workers through pipes: "applied" means the
+        # workers carried them out (a worker busy with a batch reads its pipe later, and
+        # the peer's first packets on an SA it does not have yet would be dropped)
+        if self.engine.requests != requests:
+            try:
+                self.engine.sync()
+            except DataplaneError as exc:
+                log.error("not acknowledging revision %d: %s", sas_rev, exc)
+                return
         self._ack(min(sas_rev, steer_rev), sas_rev)
 
     def _ack(self, revision: int, sas_rev: int) -> None:
@@ -458,6 +468,8 @@ class GpnAgent:
             self._stats_sent[key] = (pk, by)
             self._stats_sent_ts[key] = now
             rec: dict[str, Any] = {"bytes": by, "packets": pk, "last_use": last or None, "ts": now}
+            if st.first.get(skey):
+                rec["first_use"] = st.first[skey]  # an inbound SA's first packet here
             if skey in st.rekey:
                 # the sequence space (or a byte/packet soft lifetime) is nearly used up
                 rec["rekey_requested"] = True

@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class EngineStats:
     drops: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
+    first: dict[tuple[str, int], float] = field(default_factory=dict)  # inbound SA -> its first packet (wall clock)
 
 
 def _udp(addr: str, port: int, rcvbuf: int, gro: bool) -> socket.socket:
@@ -115,6 +117,8 @@ class Engine:
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         self._lock = threading.Lock()
+        self._sync_token = 0
+        self.requests = 0  # requests sent to workers (a reconcile pass that sent one waits for them: sync)
         self.seqs: SharedSequences | None = None
         self._slots: dict[int, tuple[int, int]] = {}  # outbound SPI -> (slot, tag)
         self.started = 0.0
@@ -199,6 +203,7 @@ class Engine:
 
     # ------------------------------------------------------------------ control
     def _send(self, i: int, msg: tuple[Any, ...]) -> None:
+        self.requests += 1
         try:
             self._conns[i].send(msg)
         except (OSError, ValueError) as exc:
@@ -246,24 +251,52 @@ class Engine:
             for i in range(self.workers):
                 self._send(i, ("hosts", entries))
 
+    def _answer(self, i: int, timeout: float, want: Callable[[Any], bool], what: str) -> Any:
+        """Worker ``i``'s answer that ``want`` accepts; answers to earlier requests that
+        timed out (a late statistics dict, a late barrier) are read and dropped."""
+        c = self._conns[i]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not c.poll(left):
+                raise DataplaneError(f"GPN worker {i} did not answer {what} within {timeout:.1f} s")
+            try:
+                r = c.recv()
+            except (EOFError, OSError) as exc:
+                raise DataplaneError(f"GPN worker {i} is unreachable ({type(exc).__name__})") from None
+            if want(r):
+                return r
+
     def stats(self, timeout: float = 2.0) -> EngineStats:
         """Sum of every worker's per-SA statistics and counters."""
         out = EngineStats()
         with self._lock:
             for i in range(self.workers):
                 self._send(i, ("stats",))
-            for i, c in enumerate(self._conns):
-                if not c.poll(timeout):
-                    raise DataplaneError(f"GPN worker {i} did not answer a statistics request")
-                r = c.recv()
+            for i in range(self.workers):
+                r = self._answer(i, timeout, lambda r: isinstance(r, dict), "a statistics request")
                 out.pids.append(r.get("pid", 0))
-                for key, (pk, by, last, rekey) in r.get("sas", {}).items():
+                for key, (pk, by, last, rekey, *first) in r.get("sas", {}).items():
                     p0, b0, l0 = out.sas.get(key, (0, 0, 0.0))
                     out.sas[key] = (p0 + pk, b0 + by, max(l0, last))
                     if rekey:
                         out.rekey.add(key)
+                    if first and first[0]:
+                        out.first[key] = min(first[0], out.first.get(key, first[0]))
                 for d in ("drops", "counters"):
                     tgt = getattr(out, d)
                     for k, v in r.get(d, {}).items():
                         tgt[k] = tgt.get(k, 0) + v
         return out
+
+    def sync(self, timeout: float = 1.0) -> None:
+        """A barrier: returns once every worker has carried out every request sent to it
+        before (SAs, egress routes, hosts). The agent acknowledges a pass only then: a
+        request queued in a busy worker's pipe is not yet in its data path."""
+        with self._lock:
+            self._sync_token += 1
+            token = self._sync_token
+            for i in range(self.workers):
+                self._send(i, ("sync", token))
+            for i in range(self.workers):
+                self._answer(i, timeout, lambda r: r == ("synced", token), "a barrier")

@@ -150,7 +150,7 @@ class _Out:
 
 
 class _In:
-    __slots__ = ("g", "last", "local", "remote", "vni")
+    __slots__ = ("first", "g", "last", "local", "remote", "vni")
 
     def __init__(self, g: GpnSa) -> None:
         self.g = g
@@ -158,6 +158,7 @@ class _In:
         self.local = g.local_ts
         self.remote = g.remote_ts
         self.last = 0.0
+        self.first = 0.0  # wall-clock time of the first packet delivered (a migration's switch)
 
 
 def _pktinfo(src4: bytes) -> tuple[int, int, bytes]:
@@ -269,6 +270,10 @@ class Worker:
             self._vx_heads.clear()
         elif kind == "stats":
             self.conn.send(self.stats())
+        elif kind == "sync":
+            # every request sent before this one has been carried out (a barrier: the
+            # agent acknowledges SAs to the GMN only once the workers have them)
+            self.conn.send(("synced", msg[1]))
         elif kind == "stop":
             self._running = False
 
@@ -277,11 +282,11 @@ class Worker:
         for spi, i in self.inb.items():
             st = self.dec.get(spi)
             if st is not None:
-                sas[("in", spi)] = (st.stats.packets, st.stats.bytes, i.last, 0)
+                sas[("in", spi)] = (st.stats.packets, st.stats.bytes, i.last, 0, i.first)
         for spi, o in self.out.items():
             rekey = o.esp.rekey_requested or (o.slot is not None and self.seqs is not None
                                               and self.seqs.rekey_requested(o.slot))
-            sas[("out", spi)] = (o.esp.stats.packets, o.esp.stats.bytes, o.last, int(rekey))
+            sas[("out", spi)] = (o.esp.stats.packets, o.esp.stats.bytes, o.last, int(rekey), 0.0)
         counters = dict(self.c)
         counters["lease_refused"] = self.leases.refused if self.leases else 0
         return {"sas": sas, "drops": self.dec.drops.as_dict(), "counters": counters,
@@ -414,6 +419,8 @@ class Worker:
         if (meta.remote.ranges and src not in meta.remote) or (meta.local.ranges and dst not in meta.local):
             self.c["ts_mismatch"] += 1
             return
+        if not meta.last:
+            meta.first = self._now
         meta.last = self._now
         self.c["esp_in"] += 1
         key = (meta.vni, dst)

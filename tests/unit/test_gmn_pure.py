@@ -186,3 +186,49 @@ def test_catch_up_gives_up_after_the_apply_timeout(caplog: pytest.LogCaptureFixt
     agent._catch_up()
     assert 0.15 <= time.monotonic() - t0 < 2.0
     assert "not yet at our own write 11" in caplog.text
+
+
+def test_repair_steering_points_a_dangling_outbound_steering_at_the_newest_sa() -> None:
+    """A GMN that stopped between a make-before-break SA and its steering leaves
+    ``steer/out`` naming an SA that charon deleted: the GMN that takes over steers the
+    tunnel to its newest outbound SA. A tunnel whose switch is pending (or deferred), or
+    whose steering names an existing SA, is left alone."""
+    import json
+    import threading
+
+    from protego.control.model import PREFIX, tenant_key, tunnel_key
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV, PutOp
+
+    a = _catch_up_agent(1.0)
+    a._sa_lock = threading.Lock()
+    a.state = _State()
+    txns: list[list[object]] = []
+    a._sa_txn = lambda ops: (txns.append(ops), 1)[1]  # type: ignore[method-assign]
+
+    def sa(spi: str, gpn: str, created: float, tunnel: str = "hq") -> tuple[str, dict[str, object]]:
+        return (f"{PREFIX}sas/203.0.113.11/{spi}", {"tenant": "acme", "tunnel": tunnel, "spi": spi, "gpn": gpn,
+                                                   "direction": "out", "created": created,
+                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"})
+
+    def load(steer: dict[str, str], records: list[tuple[str, dict[str, object]]]) -> None:
+        kvs = [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
+               KV(tunnel_key("acme", "hq"), json.dumps(HQ.to_json()).encode(), 1, 1, 1),
+               KV(tunnel_key("acme", "branch"), json.dumps(BRANCH.to_json()).encode(), 1, 1, 1)]
+        kvs += [KV(k, json.dumps(r).encode(), 2, 2, 1) for k, r in records]
+        kvs += [KV(f"{PREFIX}steer/out/acme/{tun}", json.dumps({"gpn": "gpn1", "spi": spi}).encode(), 3, 3, 1)
+                for tun, spi in steer.items()]
+        a.view.on_snapshot(10, kvs)
+
+    # hq names c0000001, which has no record; its SAs: c0000002 (gpn2), c0000003 (gpn2, newest)
+    load({"hq": "c0000001", "branch": "c0000009"},
+         [sa("c0000002", "gpn2", 100.0), sa("c0000003", "gpn2", 200.0), sa("c0000009", "gpn1", 50.0, "branch")])
+    a.state.steer_pending[("acme", "hq")] = 0xC0000003  # this GMN's own switch is under way
+    a._repair_steering()
+    assert txns == []
+    a.state.steer_pending.clear()
+    a._repair_steering()
+    assert len(txns) == 1 and isinstance(txns[0][0], PutOp)
+    put = txns[0][0]
+    assert put.key == f"{PREFIX}steer/out/acme/hq"
+    assert {k: json.loads(put.value)[k] for k in ("gpn", "spi")} == {"gpn": "gpn2", "spi": "c0000003"}

@@ -41,23 +41,37 @@ class FakeEngine:
         self.calls: list[tuple[str, int, bool]] = []
         self.egress: list[Any] = []
         self.hosts: dict[Any, Any] = {}
+        self.requests = 0  # as the real engine: every request to the workers counts
+        self.sync_error: Exception | None = None
+        self.order: list[str] = []  # add / del / sync, as they happened
 
     def check(self) -> list[int]:
         return []
 
     def add_sa(self, g: GpnSa, update: bool = False) -> None:
+        self.requests += 1
         self.sas[("in" if g.inbound else "out", g.spi)] = g
         self.calls.append(("add", g.spi, update))
+        self.order.append("add")
 
     def remove_sa(self, g: GpnSa) -> None:
+        self.requests += 1
         self.sas.pop(("in" if g.inbound else "out", g.spi), None)
         self.calls.append(("del", g.spi, False))
+        self.order.append("del")
 
     def set_egress(self, routes: list[Any]) -> None:
+        self.requests += 1
         self.egress = routes
 
     def set_hosts(self, entries: dict[Any, Any]) -> None:
+        self.requests += 1
         self.hosts = entries
+
+    def sync(self) -> None:
+        self.order.append("sync")
+        if self.sync_error is not None:
+            raise self.sync_error
 
 
 def agent_with(records: dict[int, tuple[int, dict[str, Any]]], registered: int = 10) -> GpnAgent:
@@ -282,3 +296,29 @@ def test_ack_claims_only_the_revisions_the_pass_applied() -> None:
     assert acks[-1] == (100, 100)  # not 101: that SA is not installed yet
     a.reconcile()
     assert ("in", 0x1002) in eng.sas and acks[-1] == (101, 101)
+
+
+def test_a_pass_that_changed_the_workers_acknowledges_only_after_their_barrier() -> None:
+    """The engine's requests reach its workers through pipes: the acknowledgement (upon
+    which the GMN lets the peer use the SA) waits until every worker carried them out;
+    a failed barrier acknowledges nothing; a pass that changed nothing needs none."""
+    from protego.errors import DataplaneError
+
+    a = agent_with({0x1001: (11, rec(0x1001, "in"))})
+    a.steer_view.on_snapshot(100, [])
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    acks: list[tuple[int, int]] = []
+    a._ack = lambda revision, sas_rev: (acks.append((revision, sas_rev)),  # type: ignore[method-assignment]
+                                        eng.order.append("ack"))
+    a.reconcile()
+    assert eng.order.index("add") < eng.order.index("sync") < eng.order.index("ack")
+    eng.order.clear()
+    a.reconcile()  # nothing new: no request, no barrier (the ack itself is idempotent)
+    assert eng.order == ["ack"]
+    eng.sync_error = DataplaneError("GPN worker 1 did not answer a barrier within 1.0 s")
+    new = KV(f"{PREFIX}sas/203.0.113.11/00001002", json.dumps(rec(0x1002, "in")).encode(), 101, 101, 1)
+    a.sas_view.on_events([Event(EventType.PUT, new)])
+    a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00001002", b"{}", 101, 101, 1))])
+    acks.clear()
+    a.reconcile()
+    assert ("in", 0x1002) in eng.sas and acks == []  # installed, but not claimed

@@ -141,9 +141,12 @@ def test_engine_over_loopback(workers: int, suite: Suite) -> None:
                                             encap=UdpEncap()))
         pd = Decapsulator()
         pd.add(SecurityAssociation(0x2002, Direction.INBOUND, suite, keys, "127.0.0.1", pp[0], encap=UdpEncap()))
-        time.sleep(0.2)
+        # no sleep: the barrier returns once every worker has the SAs, routes and hosts
+        # (the first datagram would otherwise be dropped as an unknown SPI)
+        eng.sync()
         # ingress: peer -> engine -> tenant VTEP
         inner = build_ipv4_header("10.201.0.10", "10.1.0.10", 17, 100) + os.urandom(100)
+        t_first = time.time()
         first = po.encapsulate(inner)
         peer.sendto(first, ("127.0.0.1", natt))
         for _ in range(49):
@@ -173,6 +176,10 @@ def test_engine_over_loopback(workers: int, suite: Suite) -> None:
         time.sleep(0.1)
         st = eng.stats()
         assert st.sas[("in", 0x1001)][:2] == (50, 50 * len(inner))
+        assert st.drops.get("unknown_spi", 0) == 0
+        # the inbound SA's first packet (a migration's switch is measured with it)
+        assert t_first <= st.first[("in", 0x1001)] <= st.sas[("in", 0x1001)][2] <= time.time()
+        assert ("out", 0x2002) not in st.first
         assert st.sas[("out", 0x2002)][0] == 200
         assert st.drops["replayed"] == 1 and st.counters["keepalives"] == 1
         assert len(st.pids) == workers
