@@ -662,6 +662,7 @@ class Worker:
                 events = ep.poll(0)
                 if not events:
                     break
+                self._now = time.time()  # the packets' timestamps (last/first use) are this round's
         ep.close()
         log.info("worker %d stopped", self.cfg.index)
 
