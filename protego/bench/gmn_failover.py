@@ -188,7 +188,7 @@ def run_gmn_failover(trials: int, mode: str, progress: Progress, keep_logs: str 
         for i, s in enumerate(tb.topology.sites):
             dst = str(tb.topology.tenant(s.tenant).hosts[0])
             probes.append(UdpProbe(tb.ns(f"s-{s.name}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=7900 + i,
-                                   interval_ms=2))
+                                   interval_ms=2, prefix=tbmod.cpus_prefix(tb, "data")))
         hist_before = {n: ha_stats(tb, n) for n in ("gmn1", "gmn2")}
         for trial in range(1, trials + 1):
             active = gmn_leader(tb)

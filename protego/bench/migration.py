@@ -119,23 +119,28 @@ class RateMonitor:
     with nothing happening)."""
 
     def __init__(self, server_ns: str, server_addr: str, client_ns: str, rate: float, udp: bool = False,
-                 port: int = 5202, seconds: int = 3600) -> None:
+                 port: int = 5202, seconds: int = 3600, prefix: list[str] | None = None,
+                 congestion: str | None = None) -> None:
         self.samples: list[tuple[float, float]] = []
+        pre = list(prefix or [])  # e.g. taskset -c 1: on the testbed's data-path CPUs
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_addr, "-p", str(port),
+            [*pre, "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_addr, "-p", str(port),
              "-i", "0.1", "--forceflush"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True, name="iperf3-intervals")
         self._reader.start()
         time.sleep(0.3)
-        cmd = ["ip", "netns", "exec", client_ns, "iperf3", "-c", server_addr, "-p", str(port), "-t", str(seconds),
+        cmd = [*pre, "ip", "netns", "exec", client_ns, "iperf3", "-c", server_addr, "-p", str(port), "-t", str(seconds),
                "-i", "1", "--connect-timeout", "3000"]
         if udp:
             cmd += ["-u", "-l", "1400", "-b", str(int(rate))]
         else:
             cmd += ["--fq-rate", str(int(rate))]
+            if congestion:
+                cmd += ["-C", congestion]
         self.client = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        start_new_session=True)
+        self.started = time.time()  # the load's start (this testbed's stream also dips every ~10.2 s of it)
 
     def _read(self) -> None:
         assert self.server.stdout is not None
@@ -210,22 +215,24 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.0
 
 
 def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
-                  keep_logs: str | None = None) -> dict[str, Any]:
+                  keep_logs: str | None = None, congestion: str | None = "cubic") -> dict[str, Any]:
     from protego.control.migrate import migrate
     from protego.testbed import testbed as tbmod
     from protego.testbed.probe import UdpProbe
 
     t0 = time.monotonic()
     tb = _testbed(progress)
+    split = tb.state.extra.get("cpus")  # PROTEGO_TESTBED_CPUS=split: control / data CPUs
     try:
         site = tb.topology.sites[0]
         tenant = tb.topology.tenant(site.tenant)
         gpns = [f"gpn{i}" for i in range(1, tb.topology.gpns + 1)]
         ikes = {s: t.get("ike_spi_i") for s, t in tbmod.site_tunnels(tb).items()}
         rows: list[dict[str, Any]] = []
+        data = tbmod.cpus_prefix(tb, "data")
         with UdpProbe(tb.ns(f"s-{site.name}-h1"), tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]),
-                      interval_ms=probe_ms) as probe:
-            mon = RateMonitor(*_load_ends(tb, site, tenant, "from-site"), rate)
+                      interval_ms=probe_ms, prefix=data) as probe:
+            mon = RateMonitor(*_load_ends(tb, site, tenant, "from-site"), rate, prefix=data, congestion=congestion)
             try:
                 time.sleep(2.0)
                 with tb.etcd() as e:
@@ -240,7 +247,8 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
                         switched = t_req + (both or res.switch_ms or 0) / 1000
                         time.sleep(0.3)  # the samples after the switch arrive
                         dip = dip_pct(mon.samples, t_req, switched)
-                        rows.append({"n": i + 1, "from": res.source, "to": res.target, "state": res.state,
+                        rows.append({"n": i + 1, "at_s": round(t_req - mon.started, 2),
+                                     "from": res.source, "to": res.target, "state": res.state,
                                      "switch_ms": None if both is None else round(both, 1),
                                      "out_ms": None if res.switch_ms is None else round(res.switch_ms, 1),
                                      "in_ms": None if in_ms is None else round(in_ms, 1),
@@ -274,8 +282,8 @@ def run_migration(count: int, rate: float, probe_ms: float, progress: Progress,
         "done_ms_median": round(statistics.median([r["done_ms"] for r in rows]), 1) if rows else None,
         "dip_pct": max(dips) if dips else None, "dip_median_pct": round(statistics.median(dips), 1) if dips else None,
         "load_mbps": None if load_bps is None else round(load_bps / 1e6, 1), "load_cap_mbps": round(rate / 1e6, 1),
-        "ike_renegotiated": renegotiated, "per_migration": rows,
-        "wall_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count(),
+        "ike_renegotiated": renegotiated, "per_migration": rows, "congestion": congestion,
+        "wall_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count(), "cpu_split": split,
     }
     res_["targets"] = {k: {"op": op, "bound": b, "met": _met(MIGRATION_TARGETS, k, res_[k])}
                        for k, (op, b) in MIGRATION_TARGETS.items()}
@@ -315,6 +323,7 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress,
 
     t0 = time.monotonic()
     tb = _testbed(progress)
+    split = tb.state.extra.get("cpus")  # PROTEGO_TESTBED_CPUS=split: control / data CPUs
     rows: list[dict[str, Any]] = []
     try:
         site = tb.topology.sites[0]
@@ -327,9 +336,11 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress,
                 _wait(lambda: all((e.get_json(f"{PREFIX}gpn/health/{g}") or {}).get("state", "alive") == "alive"
                                   and e.get(f"{PREFIX}gpn/nodes/{g}") is not None for g in others), 60,
                       "the other GPNs to be healthy")
+                data = tbmod.cpus_prefix(tb, "data")
                 with UdpProbe(tb.ns(f"s-{site.name}-h1"), tb.ns(f"t-{tenant.name}-h1"), str(tenant.hosts[0]),
-                              interval_ms=probe_ms) as probe:
-                    mon = RateMonitor(*_load_ends(tb, site, tenant, direction), rate, udp=True, port=5203)
+                              interval_ms=probe_ms, prefix=data) as probe:
+                    mon = RateMonitor(*_load_ends(tb, site, tenant, direction), rate, udp=True, port=5203,
+                                      prefix=data)
                     try:
                         time.sleep(1.5)
                         before_bps = mon.median_bps(time.time() - 1.0)
@@ -386,7 +397,7 @@ def run_failover(trials: int, rate: float, probe_ms: float, progress: Progress,
         "outage_p95_ms": _pct(out, 95),
         "false_declarations": sum(len(r["false_declarations"]) for r in rows),
         "ike_renegotiated": renegotiated, "per_trial": rows,
-        "wall_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count(),
+        "wall_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count(), "cpu_split": split,
     }
     res["targets"] = {k: {"op": op, "bound": b, "met": _met(FAILOVER_TARGETS, k, res[k])}
                       for k, (op, b) in FAILOVER_TARGETS.items()}
@@ -421,11 +432,19 @@ def format_migration(res: dict[str, Any]) -> str:
         ["dip_pct (worst)", str(res["dip_pct"]), *_t(res, "dip_pct")],
         ["dip_pct (median)", str(res["dip_median_pct"]), "-", "-"],
         ["source cleaned (median ms)", str(res["done_ms_median"]), "-", "-"],
-        ["TCP load (median Mbit/s, cap)", f"{res['load_mbps']} ({res['load_cap_mbps']})", "-", "-"],
+        ["TCP load (median Mbit/s, cap)", f"{res['load_mbps']} ({res['load_cap_mbps']}, {res.get('congestion')})",
+         "-", "-"],
         ["IKE renegotiated", "yes" if res["ike_renegotiated"] else "no", "no", "NO" if res["ike_renegotiated"] else "yes"],
     ]
     return metric_table(rows) + f"\n({res['probe_sent']} probe datagrams every {res['probe_interval_ms']} ms; " \
-                          f"{res['wall_s']} s wall on {res['cpus']} CPUs)"
+                          f"{res['wall_s']} s wall on {res['cpus']} CPUs{_split(res)})"
+
+
+def _split(res: dict[str, Any]) -> str:
+    sp = res.get("cpu_split")
+    if not sp:
+        return ", all roles sharing them"
+    return f", control plane on CPUs {','.join(map(str, sp['control']))}, data path on {','.join(map(str, sp['data']))}"
 
 
 def format_failover(res: dict[str, Any]) -> str:
@@ -439,7 +458,8 @@ def format_failover(res: dict[str, Any]) -> str:
         ["IKE renegotiated", "yes" if res["ike_renegotiated"] else "no", "no", "NO" if res["ike_renegotiated"] else "yes"],
     ]
     return metric_table(rows) + f"\n(UDP load {res['rate_mbps']} Mbit/s offered {res['direction']}; probe every {res['probe_interval_ms']} ms; " \
-                          f"{res['wall_s']} s wall on {res['cpus']} CPUs; paper: 280 ms with WAN round trips)"
+                          f"{res['wall_s']} s wall on {res['cpus']} CPUs{_split(res)}; " \
+                          "paper: 280 ms with WAN round trips)"
 
 
 def _run(name: str, fn: Callable[[Progress], dict[str, Any]], fmt: Callable[[dict[str, Any]], str],
@@ -471,10 +491,14 @@ keep_logs_option = click.option(
               help="TCP load cap, bits/s.")
 @click.option("--probe-ms", type=click.FloatRange(0.5, 100), default=2.0, show_default=True,
               help="Interval of the sequence-numbered UDP probe.")
+@click.option("--cc", "congestion", type=click.Choice(["cubic", "bbr", "reno"]), default="cubic", show_default=True,
+              help="The TCP load's congestion control (bbr probes the path's RTT every 10 s: a dip of its own).")
 @keep_logs_option
-def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float, keep_logs: str | None) -> None:
+def bench_migration(as_json: bool, count: int, rate: float, probe_ms: float, congestion: str,
+                    keep_logs: str | None) -> None:
     """Live migration under load: lost packets, switch time, throughput dip."""
-    _run("migration", lambda p: run_migration(count, rate, probe_ms, p, keep_logs), format_migration, as_json)
+    _run("migration", lambda p: run_migration(count, rate, probe_ms, p, keep_logs, congestion), format_migration,
+         as_json)
 
 
 @click.command("failover")

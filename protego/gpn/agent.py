@@ -78,6 +78,7 @@ class GpnConfig:
     resync_interval: float = 30.0
     manage_vips: bool = True
     raw_esp: bool = True
+    worker_cpus: tuple[int, ...] = ()  # the workers' CPUs (empty: the agent's)
 
 
 def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> str:
@@ -214,7 +215,8 @@ class GpnAgent:
         self.backend = choose_backend(self.cfg.backend)
         # the engine forks its workers: before any etcd/gRPC thread exists
         self.engine = Engine(EngineConfig(self.cfg.fabric_addr, workers=self.cfg.workers,
-                                          raw_esp=self.cfg.raw_esp)).start()
+                                          raw_esp=self.cfg.raw_esp,
+                                          worker_cpus=self.cfg.worker_cpus)).start()
         self.started = time.time()
         try:
             self._connect()

@@ -34,11 +34,14 @@ def gpn() -> None:
               help="Seconds between full resyncs with etcd.")
 @click.option("--no-vips", is_flag=True, help="Do not manage the SAs' VIPs on lo.")
 @click.option("--no-raw-esp", is_flag=True, help="Do not open raw protocol-50 sockets (ESP-in-UDP only).")
+@click.option("--worker-cpus", default="", metavar="LIST",
+              help="CPUs for the worker processes, e.g. 2-7 or 1,3 (default: the agent's).")
 @click.pass_context
 def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: int, lease_ttl: int,
-        report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool) -> None:
+        report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool, worker_cpus: str) -> None:
     """Run the GPN agent and its data path until SIGTERM/SIGINT."""
     from protego.gpn.agent import GpnAgent, GpnConfig
+    from protego.gpn.engine import parse_cpu_list
 
     obj = ctx.find_object(CliContext) or CliContext()
     root = logging.getLogger()
@@ -51,7 +54,8 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
         endpoints = obj.etcd_endpoints()
         cfg = GpnConfig(node=node, fabric_addr=fabric_addr, backend=backend, workers=workers,
                         lease_ttl=lease_ttl, report_interval=report_interval,
-                        resync_interval=resync_interval, manage_vips=not no_vips, raw_esp=not no_raw_esp)
+                        resync_interval=resync_interval, manage_vips=not no_vips, raw_esp=not no_raw_esp,
+                        worker_cpus=parse_cpu_list(worker_cpus))
         agent = GpnAgent(cfg, obj.etcd)
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

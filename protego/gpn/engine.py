@@ -67,6 +67,9 @@ class EngineConfig:
     #: source MAC of the frames we send into tenant networks (None: derived from the
     #: fabric address, see :func:`gpn_mac`)
     src_mac: bytes | None = None
+    #: the CPUs the workers run on (empty: those the agent may use); a lab host that
+    #: keeps its control plane off the data path's CPUs (the testbed's PROTEGO_TESTBED_CPUS)
+    worker_cpus: tuple[int, ...] = ()
 
 
 def gpn_mac(fabric_addr: str) -> bytes:
@@ -88,6 +91,32 @@ class EngineStats:
     counters: dict[str, int] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
     first: dict[tuple[str, int], float] = field(default_factory=dict)  # inbound SA -> its first packet (wall clock)
+
+
+def parse_cpu_list(text: str, available: set[int] | None = None) -> tuple[int, ...]:
+    """``"1,3-5"`` -> (1, 3, 4, 5); ``""`` -> () (no restriction). Every CPU must exist
+    (``available``: this machine's CPUs by default; the agent itself may be kept on others,
+    e.g. by ``taskset``, and its workers still move to these)."""
+    from protego.errors import ConfigError
+
+    text = text.strip()
+    if not text:
+        return ()
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ConfigError(f"bad CPU list {text!r}: {part.strip()!r} is not a CPU number or range") from None
+        if first < 0 or last < first:
+            raise ConfigError(f"bad CPU list {text!r}: {part.strip()!r}")
+        cpus.update(range(first, last + 1))
+    allowed = set(range(os.cpu_count() or 1)) if available is None else available
+    if not cpus <= allowed:
+        raise ConfigError(f"CPU list {text!r} names CPUs this machine does not have: "
+                          f"{', '.join(map(str, sorted(cpus - allowed)))} (allowed: {sorted(allowed)})")
+    return tuple(sorted(cpus))
 
 
 def _udp(addr: str, port: int, rcvbuf: int, gro: bool) -> socket.socket:
@@ -159,7 +188,7 @@ class Engine:
                 mine.add(raws[i].fileno())  # type: ignore[union-attr]
             others = [s.fileno() for s in all_socks if s.fileno() not in mine]
             wcfg = WorkerConfig(i, n, cfg.fabric_addr, cfg.dscp, cfg.natt_port, cfg.mtu, cfg.pin_cpu,
-                                cfg.src_mac or gpn_mac(cfg.fabric_addr), cfg.vxlan_port)
+                                cfg.src_mac or gpn_mac(cfg.fabric_addr), cfg.vxlan_port, tuple(cfg.worker_cpus))
             p = self._ctx.Process(
                 target=worker_main, name=f"gpn-worker-{i}", daemon=True,
                 args=(wcfg, WorkerSockets(esp[i], vx[i], hbs[i], raws[i]), child, self.seqs, lbs, others))

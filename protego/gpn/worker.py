@@ -93,6 +93,7 @@ class WorkerConfig:
     pin_cpu: bool = True
     src_mac: bytes = b"\x02\x00\x00\x00\x00\x01"
     vxlan_port: int = VXLAN_PORT  # the tenant hosts' VTEP port
+    cpus: tuple[int, ...] = ()  # the CPUs the workers run on (empty: those the agent may use)
 
 
 @dataclass
@@ -690,12 +691,14 @@ def worker_main(cfg: WorkerConfig, socks: WorkerSockets, conn: Any, seqs: Shared
             os.close(fd)
         except OSError:
             pass
-    if cfg.pin_cpu:
-        try:
-            cpus = sorted(os.sched_getaffinity(0))
+    try:
+        cpus = sorted(cfg.cpus) if cfg.cpus else sorted(os.sched_getaffinity(0))
+        if cfg.pin_cpu:
             os.sched_setaffinity(0, {cpus[cfg.index % len(cpus)]})
-        except OSError:
-            pass
+        elif cfg.cpus:
+            os.sched_setaffinity(0, set(cpus))
+    except OSError as exc:  # e.g. a CPU outside this cgroup's cpuset
+        log.warning("worker %d: CPUs %s not set: %s", cfg.index, cfg.cpus or "(pinning)", exc)
     try:
         Worker(cfg, socks, conn, seqs, lbs).run()
     except Exception:

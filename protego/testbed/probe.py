@@ -188,10 +188,13 @@ class UdpProbe:
     """A running probe between two namespaces: start it, do something, :meth:`stop` it."""
 
     def __init__(self, src_ns: str, dst_ns: str, dst: str, port: int = DEFAULT_PORT,
-                 interval_ms: float = 10.0, size: int = 64, linger: float = 1.0) -> None:
+                 interval_ms: float = 10.0, size: int = 64, linger: float = 1.0,
+                 prefix: list[str] | None = None) -> None:
+        """``prefix``: before both commands (e.g. ``taskset -c 1``)."""
         py = sys.executable
+        pre = list(prefix or [])
         self.echo = subprocess.Popen(
-            ["ip", "netns", "exec", dst_ns, py, "-m", "protego.testbed.probe", "echo", "--port", str(port),
+            [*pre, "ip", "netns", "exec", dst_ns, py, "-m", "protego.testbed.probe", "echo", "--port", str(port),
              "--bind", dst],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -200,7 +203,7 @@ class UdpProbe:
                 err = self.echo.stderr.read() if self.echo.stderr else ""
                 raise RuntimeError(f"probe echo in {dst_ns} did not start: {line!r} {err.strip()}")
             self.sender = subprocess.Popen(
-                ["ip", "netns", "exec", src_ns, py, "-m", "protego.testbed.probe", "send", "--dst", dst,
+                [*pre, "ip", "netns", "exec", src_ns, py, "-m", "protego.testbed.probe", "send", "--dst", dst,
                  "--port", str(port), "--interval-ms", str(interval_ms), "--size", str(size),
                  "--linger", str(linger)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -49,10 +49,12 @@ GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shor
 ETCD_RT_PRIORITY = 5
 # The GMNs' agents and charons in the same class, below etcd: a migration or a recovery
 # from a dead GPN is a chain of their round trips (charon, the agent, etcd), and here the
-# data path and the load saturate both CPUs. Measured (docs/bench.md): migration switch
-# 48.3 -> 24.9 ms median. Raising the GIN/GEN agent and the GPN agents as well made the
-# failover outage worse (166 against 132 ms): they preempted the data path they share
-# the CPUs with.
+# data path and the load saturate both CPUs. Measured (docs/bench.md): the GMN's own path
+# of a migration 48.3 -> 24.9 ms median (a stamp later found early, still a gain). The
+# price: at the request these processes take both CPUs from the data path (a migration's
+# throughput dip; PROTEGO_TESTBED_CPUS=split avoids it). Raising the GIN/GEN agent and the
+# GPN agents as well made the failover outage worse (166 against 132 ms): they preempted
+# the data path they share the CPUs with.
 CONTROL_RT_PRIORITY = 4
 # every GPN probed (or tag-answered) this often (the agent's default is 10 ms); dead after
 # 3 misses, or at once when the GPN's host refuses a probe (its engine is gone). On this
@@ -79,6 +81,47 @@ def rt_permitted() -> bool:
         return subprocess.run(["chrt", "--rr", "1", "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+def cpu_split() -> dict[str, list[int]] | None:
+    """``PROTEGO_TESTBED_CPUS=split``: the control plane (etcd, the agents, the GMNs'
+    charons) on the first half of the CPUs this process may use, the data path (the GPN
+    workers, the sites' gateways, and a benchmark's load and probe) on the other half,
+    as separate machines would have them. None (everything shares every CPU, the
+    default) otherwise, or with fewer than 2 CPUs. Anything else is refused."""
+    mode = os.environ.get("PROTEGO_TESTBED_CPUS", "shared")
+    if mode not in ("shared", "split"):
+        raise TestbedError(f"PROTEGO_TESTBED_CPUS={mode!r}: expected 'shared' or 'split'")
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "shared" or len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return {"control": cpus[:half], "data": cpus[half:]}
+
+
+def cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def cpus_prefix(tb: "Testbed", part: str) -> list[str]:
+    """The command prefix that keeps a process (and its children) on the testbed's
+    ``part`` ("control" or "data") CPUs; empty when the testbed does not split them."""
+    split = tb.state.extra.get("cpus")
+    return ["taskset", "-c", cpu_list(split[part])] if split else []
+
+
+def pin_tasks(pid: int, cpus: list[int]) -> None:
+    """Every thread of a running process to ``cpus`` (threads it starts later inherit)."""
+    for _round in range(2):  # a thread started while the first round ran
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, set(cpus))
+            except OSError:
+                pass
+
 
 Progress = Callable[[str], None]
 
@@ -239,6 +282,10 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
 
     rt = ETCD_RT_PRIORITY if rt_permitted() else 0
     st.extra["control_rt"] = bool(rt)
+    split = cpu_split()
+    st.extra["cpus"] = split
+    if split:
+        progress(f"control plane on CPUs {cpu_list(split['control'])}, data path on CPUs {cpu_list(split['data'])}")
     if not rt:
         progress("etcd and the control plane run in the normal scheduling class (the real-time class is "
                  "not permitted here)")
@@ -248,6 +295,10 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
     )
     journal_etcd(cluster.state())
     cluster.start(wait=True)
+    if split:
+        for pid in cluster.pids:
+            if pid:
+                pin_tasks(pid, split["control"])
     st.extra["etcd"] = cluster.state()
     st.etcd_endpoints = list(cluster.endpoints)
     st.save()
@@ -271,7 +322,9 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
             for n in tb.plan.namespaces:
                 if n.role == "gpn":
                     _start_agent(tb, n.node, "gpn-agent", ["gpn", "run", "--node", n.node,
-                                                           "--fabric-addr", fabric_addr(tb, n.node)])
+                                                           "--fabric-addr", fabric_addr(tb, n.node),
+                                                           *(["--worker-cpus", cpu_list(split["data"])]
+                                                             if split else [])])
             _start_lb(tb)
             _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"])
             progress(f"creating {len(topo.tenants)} tenants and {len(topo.sites)} tunnels with the protego CLI")
@@ -301,7 +354,7 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     files.strongswan_conf.write_text(strongswan_conf(files, log_path))
     files.swanctl_conf.write_text(swanctl_text)
     rec = procs.spawn(
-        node, "charon", tb.ns(node), [CHARON], st.logs / f"{node}.charon.stdout.log",
+        node, "charon", tb.ns(node), [*cpus_prefix(tb, "data"), CHARON], st.logs / f"{node}.charon.stdout.log",
         private_run=True, env={"STRONGSWAN_CONF": str(files.strongswan_conf)},
     )
     st.procs.append(rec)
@@ -405,7 +458,8 @@ def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: 
     st = tb.state
     rec = procs.spawn(
         node, kind, tb.ns(node),
-        [*(_control_rt(tb) if rt else []), sys.executable, "-m", "protego", "-v", "--etcd",
+        [*cpus_prefix(tb, "control"), *(_control_rt(tb) if rt else []), sys.executable, "-m", "protego", "-v",
+         "--etcd",
          ",".join(st.etcd_endpoints), *root_args, *args],
         st.logs / f"{node}.{kind}.log",
     )
@@ -468,7 +522,8 @@ def start_gmn_charon(tb: Testbed, node: str) -> procs.ProcRecord:
     if vici_sock.exists():
         vici_sock.unlink()
     charon = procs.spawn(
-        node, "charon", tb.ns(node), [*_control_rt(tb), CHARON], st.logs / f"{node}.charon.stdout.log",
+        node, "charon", tb.ns(node), [*cpus_prefix(tb, "control"), *_control_rt(tb), CHARON],
+        st.logs / f"{node}.charon.stdout.log",
         private_run=True, env={"STRONGSWAN_CONF": str(conf)},
     )
     st.procs.append(charon)

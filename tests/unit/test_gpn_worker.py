@@ -249,3 +249,28 @@ def test_a_frame_waits_briefly_for_its_tunnels_route() -> None:
     w._route_held[0] = (since - wmod.ROUTE_HOLD - 0.01, f)
     w._retry_routes()
     assert not w._route_held and w.c["no_tunnel"] == 1 and w.c["route_waits"] == 1
+
+
+def test_worker_cpu_list_parsing() -> None:
+    from protego.errors import ConfigError
+    from protego.gpn.engine import parse_cpu_list
+
+    assert parse_cpu_list("") == () and parse_cpu_list(" 3,1-2 ", available={1, 2, 3}) == (1, 2, 3)
+    for bad, why in (("x", "not a CPU number"), ("3-1", "bad CPU list"), ("-1", "not a CPU number"),
+                     ("1-9", "does not have: 4, 5, 6, 7, 8, 9")):
+        with pytest.raises(ConfigError, match=why):
+            parse_cpu_list(bad, available={0, 1, 2, 3})
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_workers_run_on_the_cpus_they_are_given(pin: bool) -> None:
+    """``worker_cpus``: the workers leave the agent's CPUs for these (the testbed keeps
+    its control plane and data path apart this way); with pinning, one CPU each."""
+    last = max(os.sched_getaffinity(0))
+    eng = Engine(EngineConfig("127.0.0.1", workers=2, natt_port=_free_udp_port(), vxlan_port=_free_udp_port(),
+                              hb_port=_free_udp_port(), raw_esp=False, pin_cpu=pin, worker_cpus=(last,))).start()
+    try:
+        eng.sync()  # the workers are past their start-up (affinity set first)
+        assert [os.sched_getaffinity(pid) for pid in eng.pids] == [{last}, {last}]
+    finally:
+        eng.stop()
