@@ -70,6 +70,9 @@ def _default_endpoints() -> tuple[str, ...]:
               help="Consecutive missed heartbeats that declare a GPN dead.")
 @click.option("--hb-recover", type=int, default=10, show_default=True,
               help="Consecutive answered heartbeats that declare a GPN alive again.")
+@click.option("--hb-tag-only", is_flag=True,
+              help="No probe to a GPN whose sampled data packets answered the last round (the paper's saving; "
+                   "a dead engine is then found a round later).")
 @click.option("--hb-bind", default="0.0.0.0", show_default=True, help="Address of the heartbeat socket.")
 @click.option("--hb-port", type=int, default=7471, show_default=True, help="Heartbeat UDP port (both ends).")
 @click.option("--hb-rt-priority", type=click.IntRange(0, 99), default=0, show_default=True,
@@ -80,7 +83,7 @@ def _default_endpoints() -> tuple[str, ...]:
 @click.option("--cleanup-on-exit", is_flag=True, help="Remove our tables and routes when stopping.")
 @click.option("--status-file", default=None, help="Write the agent's status (JSON) here every second.")
 def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], node: str | None, sample: int, tag_dscp: int,
-            hb_interval_ms: float, hb_misses: int, hb_recover: int, hb_bind: str, hb_port: int,
+            hb_interval_ms: float, hb_misses: int, hb_recover: int, hb_tag_only: bool, hb_bind: str, hb_port: int,
             hb_rt_priority: int, no_heartbeat: bool, resync: float, cleanup_on_exit: bool,
             status_file: str | None) -> None:
     """Run the agent until SIGTERM/SIGINT."""
@@ -93,7 +96,8 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
 
     try:
         params = ruleset.Params(sample=sample, tag_dscp=tag_dscp, vip_prefixes=tuple(vips))
-        det = hb.DetectorConfig(interval=hb_interval_ms / 1000.0, misses=hb_misses, recover=hb_recover)
+        det = hb.DetectorConfig(interval=hb_interval_ms / 1000.0, misses=hb_misses, recover=hb_recover,
+                                probe_busy=not hb_tag_only)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if resync <= 0:

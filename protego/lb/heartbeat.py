@@ -107,6 +107,10 @@ class DetectorConfig:
     misses: int = 3  # consecutive unanswered rounds -> dead
     recover: int = 10  # consecutive answered rounds -> alive
     refused_is_dead: bool = True  # a probe refused by the GPN's own host (port closed) -> dead at once
+    # a probe every round also to a GPN whose sampled data packets answered the last one:
+    # one small datagram per GPN and round, and a GPN whose engine died is refused (dead)
+    # within a round, not after a round of silence first (False: the paper's saving)
+    probe_busy: bool = True
 
     def __post_init__(self) -> None:
         if self.interval <= 0 or self.misses < 1 or self.recover < 1:
@@ -226,7 +230,7 @@ class Detector:
             t.tagged_last_round, t.tagged_this_round = t.tagged_this_round, False
             t.answered = False
             t.round_start = now
-            if t.tagged_last_round:
+            if t.tagged_last_round and not self.cfg.probe_busy:
                 t.probe_seq = None  # sampled data packets keep this GPN probed
             else:
                 self._seq += 1

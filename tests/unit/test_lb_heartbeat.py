@@ -70,12 +70,14 @@ def test_unknown_gpn_never_answering_is_declared_dead() -> None:
     assert [(t.gpn, t.state) for t in tr] == [("gpn1", "dead")]
 
 
-def test_tag_answers_replace_probes_and_count_as_answers() -> None:
-    det = hb.Detector(hb.DetectorConfig(interval=I))
+@pytest.mark.parametrize("probe_busy", [False, True])
+def test_tag_answers_count_as_answers_and_may_replace_probes(probe_busy: bool) -> None:
+    det = hb.Detector(hb.DetectorConfig(interval=I, probe_busy=probe_busy))
     det.set_gpns({"gpn1": "192.0.2.21"})
     tr = run(det, 0.0, 30, set(), tag={"gpn1"})
     assert [(t.gpn, t.state) for t in tr] == [("gpn1", "alive")]
-    assert det.tracks["gpn1"].probes_sent == 1  # only the very first round needed a probe
+    # the paper's saving: only the very first round needed a probe; else one every round
+    assert det.tracks["gpn1"].probes_sent == (30 if probe_busy else 1)
     # traffic stops: probes resume at once, so an answering GPN stays alive
     tr = run(det, 30 * I, 30, {"gpn1"})
     assert tr == [] and det.tracks["gpn1"].probes_sent > 20
@@ -221,3 +223,24 @@ def test_refusal_parses_only_port_unreachable_from_the_gpn_itself() -> None:
     relayed = _errqueue(errno.ECONNREFUSED, hb.SO_EE_ORIGIN_ICMP, (3, 3), "192.0.2.1")  # someone else says so
     assert hb.refusal(probe, relayed, ("192.0.2.21", 7471), 7471) is None
     assert hb.refusal(probe, [], ("192.0.2.21", 7471), 7471) is None
+
+
+@pytest.mark.parametrize("probe_busy, rounds_to_dead", [(True, 1), (False, 2)])
+def test_a_busy_gpn_whose_engine_dies_is_refused_within_a_round_when_probed_busy(
+        probe_busy: bool, rounds_to_dead: int) -> None:
+    """A GPN carrying traffic (tag answers) loses its engine: its host refuses the next
+    probe. Probed every round, that is the round after the kill; with the paper's saving,
+    the round after the kill sends no probe (the last one was tag-answered), and the
+    refusal comes a round later."""
+    det = hb.Detector(hb.DetectorConfig(interval=I, probe_busy=probe_busy))
+    det.set_gpns({"gpn1": "192.0.2.21"})
+    run(det, 0.0, 12, {"gpn1"}, tag={"gpn1"})  # alive and busy; the engine dies at 12 I
+    now, dead_after = 12 * I, None
+    for k in range(1, 4):
+        probes, _tr = det.tick(now)
+        for _name, addr, seq in probes:
+            tr = det.on_refused(addr, seq, now + 0.0001)
+            if tr is not None and dead_after is None:
+                dead_after = k
+        now += I
+    assert dead_after == rounds_to_dead
