@@ -17,6 +17,7 @@
 
 #include <daemon.h>
 #include <threading/mutex.h>
+#include <threading/rwlock.h>
 #include <collections/linked_list.h>
 #include <processing/jobs/callback_job.h>
 #include <bio/bio_reader.h>
@@ -36,9 +37,20 @@ struct private_kernel_protego_ipsec_t {
 	/** connection to the agent */
 	kernel_protego_conn_t *conn;
 
-	/** protects sas, policies and next_uid; held across state-changing
-	 * requests so the dump on reconnect never races a change */
+	/** protects sas, policies and next_uid (never held across a request:
+	 * a request may wait for the agent for tens of ms, e.g. an outbound SA
+	 * of a rekey until the data path has the inbound one, and other CHILD_SAs
+	 * must not wait behind it) */
 	mutex_t *mutex;
+
+	/** held for reading by every state-changing call across its request,
+	 * for writing by the state dump on reconnect: the dump never races a
+	 * change, and changes run in parallel */
+	rwlock_t *changes;
+
+	/** serializes the policy calls (reference counts of shared policies
+	 * follow the agent's answers in order); policies only */
+	mutex_t *policy_mutex;
 
 	/** sa_entry_t, installed SAs */
 	linked_list_t *sas;
@@ -501,15 +513,17 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 		.installed = time_monotonic(NULL),
 	);
 
-	this->mutex->lock(this->mutex);
+	this->changes->read_lock(this->changes);
 	status = do_request(this, msg, NULL);
 	if (status == SUCCESS)
 	{
+		this->mutex->lock(this->mutex);
 		entry->uid = ++this->next_uid;
 		this->sas->insert_last(this->sas, entry);
 		schedule_expires(this, entry->uid, lt);
+		this->mutex->unlock(this->mutex);
 	}
-	this->mutex->unlock(this->mutex);
+	this->changes->unlock(this->changes);
 
 	if (status == SUCCESS)
 	{
@@ -583,9 +597,10 @@ METHOD(kernel_ipsec_t, update_sa, status_t,
 	flags |= data->new_encap ? KP_SA_NEW_ENCAP : 0;
 	kp_msg_add_u32(msg, KP_ATTR_SA_FLAGS, flags);
 
+	this->changes->read_lock(this->changes);
+	status = do_request(this, msg, NULL);
 	this->mutex->lock(this->mutex);
 	entry = find_sa(this, id->spi, id->proto, id->dst, id->mark, FALSE);
-	status = do_request(this, msg, NULL);
 	if (status == SUCCESS && entry)
 	{
 		uint32_t sa_flags = 0;
@@ -618,6 +633,7 @@ METHOD(kernel_ipsec_t, update_sa, status_t,
 		entry->dst = data->new_dst->clone(data->new_dst);
 	}
 	this->mutex->unlock(this->mutex);
+	this->changes->unlock(this->changes);
 
 	DBG2(DBG_KNL, "kernel-protego: update of SA %.8x: %N", ntohl(id->spi),
 		 status_names, status);
@@ -675,11 +691,13 @@ METHOD(kernel_ipsec_t, del_sa, status_t,
 	{
 		kp_msg_add_u16(msg, KP_ATTR_CPI, ntohs(data->cpi));
 	}
+	this->changes->read_lock(this->changes);
 	this->mutex->lock(this->mutex);
 	entry = find_sa(this, id->spi, id->proto, id->dst, id->mark, TRUE);
+	this->mutex->unlock(this->mutex);
 	/* a lost agent learns about the deletion from the next state dump */
 	status = do_request(this, msg, NULL);
-	this->mutex->unlock(this->mutex);
+	this->changes->unlock(this->changes);
 
 	DBG2(DBG_KNL, "kernel-protego: deleted SA %.8x (reqid %u)",
 		 ntohl(id->spi), entry ? entry->reqid : 0);
@@ -696,11 +714,13 @@ METHOD(kernel_ipsec_t, flush_sas, status_t,
 {
 	status_t status;
 
+	this->changes->read_lock(this->changes);
 	this->mutex->lock(this->mutex);
 	this->sas->destroy_function(this->sas, (void*)sa_entry_destroy);
 	this->sas = linked_list_create();
-	status = do_request(this, kp_msg_create(KP_FLUSH_SAS), NULL);
 	this->mutex->unlock(this->mutex);
+	status = do_request(this, kp_msg_create(KP_FLUSH_SAS), NULL);
+	this->changes->unlock(this->changes);
 	return this->conn->is_ready(this->conn) ? status : SUCCESS;
 }
 
@@ -796,7 +816,8 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 	encoded_id = msg_attrs(msg);
 	add_policy_data(msg, data);
 
-	this->mutex->lock(this->mutex);
+	this->changes->read_lock(this->changes);
+	this->policy_mutex->lock(this->policy_mutex);
 	entry = find_policy(this, encoded_id);
 	if (!entry)
 	{
@@ -822,7 +843,8 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 		this->policies->remove(this->policies, entry, NULL);
 		policy_entry_destroy(entry);
 	}
-	this->mutex->unlock(this->mutex);
+	this->policy_mutex->unlock(this->policy_mutex);
+	this->changes->unlock(this->changes);
 	return status;
 }
 
@@ -866,12 +888,14 @@ METHOD(kernel_ipsec_t, del_policy, status_t,
 	encoded_id = msg_attrs(msg);
 	add_policy_data(msg, data);
 
-	this->mutex->lock(this->mutex);
+	this->changes->read_lock(this->changes);
+	this->policy_mutex->lock(this->policy_mutex);
 	entry = find_policy(this, encoded_id);
 	chunk_free(&encoded_id);
 	if (!entry)
 	{
-		this->mutex->unlock(this->mutex);
+		this->policy_mutex->unlock(this->policy_mutex);
+		this->changes->unlock(this->changes);
 		kp_msg_destroy(msg);
 		return NOT_FOUND;
 	}
@@ -887,7 +911,8 @@ METHOD(kernel_ipsec_t, del_policy, status_t,
 	{
 		kp_msg_destroy(msg);
 	}
-	this->mutex->unlock(this->mutex);
+	this->policy_mutex->unlock(this->policy_mutex);
+	this->changes->unlock(this->changes);
 	return status;
 }
 
@@ -896,12 +921,14 @@ METHOD(kernel_ipsec_t, flush_policies, status_t,
 {
 	status_t status;
 
-	this->mutex->lock(this->mutex);
+	this->changes->read_lock(this->changes);
+	this->policy_mutex->lock(this->policy_mutex);
 	this->policies->destroy_function(this->policies,
 									 (void*)policy_entry_destroy);
 	this->policies = linked_list_create();
 	status = do_request(this, kp_msg_create(KP_FLUSH_POLICIES), NULL);
-	this->mutex->unlock(this->mutex);
+	this->policy_mutex->unlock(this->policy_mutex);
+	this->changes->unlock(this->changes);
 	return this->conn->is_ready(this->conn) ? status : SUCCESS;
 }
 
@@ -932,6 +959,9 @@ static void send_dump(private_kernel_protego_ipsec_t *this,
 	time_t now = time_monotonic(NULL);
 	u_int sas = 0, policies = 0;
 
+	/* no change in flight meanwhile (the connection was not ready: every
+	 * request made since failed at once and let go of the lock) */
+	this->changes->write_lock(this->changes);
 	this->mutex->lock(this->mutex);
 	msg = kp_msg_create(KP_DUMP_BEGIN);
 	kp_msg_add_u32(msg, KP_ATTR_SA_COUNT, this->sas->get_count(this->sas));
@@ -969,6 +999,7 @@ static void send_dump(private_kernel_protego_ipsec_t *this,
 	conn->send_unlocked(conn, msg);
 	conn->set_ready(conn);
 	this->mutex->unlock(this->mutex);
+	this->changes->unlock(this->changes);
 
 	DBG1(DBG_KNL, "kernel-protego: sent state dump to agent (%u SAs, %u "
 		 "policies)", sas, policies);
@@ -1020,6 +1051,8 @@ METHOD(kernel_ipsec_t, destroy, void,
 	this->policies->destroy_function(this->policies,
 									 (void*)policy_entry_destroy);
 	this->mutex->destroy(this->mutex);
+	this->changes->destroy(this->changes);
+	this->policy_mutex->destroy(this->policy_mutex);
 	free(this);
 }
 
@@ -1069,6 +1102,8 @@ kernel_protego_ipsec_t *kernel_protego_ipsec_create()
 			},
 		},
 		.mutex = mutex_create(MUTEX_TYPE_DEFAULT),
+		.changes = rwlock_create(RWLOCK_TYPE_DEFAULT),
+		.policy_mutex = mutex_create(MUTEX_TYPE_DEFAULT),
 		.sas = linked_list_create(),
 		.policies = linked_list_create(),
 	);
@@ -1081,6 +1116,8 @@ kernel_protego_ipsec_t *kernel_protego_ipsec_create()
 		this->sas->destroy(this->sas);
 		this->policies->destroy(this->policies);
 		this->mutex->destroy(this->mutex);
+		this->changes->destroy(this->changes);
+		this->policy_mutex->destroy(this->policy_mutex);
 		free(this);
 		return NULL;
 	}

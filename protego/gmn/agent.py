@@ -742,6 +742,8 @@ class GmnAgent:
                 self._wait_applied(gpn, revision, what)
         except ProtegoError as exc:
             log.warning("tunnel %s/%s: outbound SA %08x: %s", tenant, tunnel, spi, exc)
+            if steer is not None:
+                self.state.repair_due = True  # the steering may still name the old SA
         finally:
             if self.state.steer_pending.get((tenant, tunnel)) == spi:
                 self.state.steer_pending.pop((tenant, tunnel), None)

@@ -249,7 +249,10 @@ class Worker:
                     if old_in.window.size == state.window.size:
                         state.window = old_in.window
                     state.stats = old_in.stats
-                self.inb[g.spi] = _In(g)
+                meta, prev = _In(g), self.inb.get(g.spi)
+                if prev is not None and old_in is not None and old_in.sa.keys == g.sa.keys:
+                    meta.first, meta.last = prev.first, prev.last  # the same SA: its use so far
+                self.inb[g.spi] = meta
             else:
                 old = self.out.get(g.spi)
                 # an update keeps the counter (sequence numbers are never reused)

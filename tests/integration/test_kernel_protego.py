@@ -559,3 +559,57 @@ def test_agent_restart_gets_state_dump(bed: Bed) -> None:
     assert new.wait_for(lambda s: any(e.kind == "del_sa" and e.message.spi == old_in.spi  # type: ignore[attr-defined]
                                       for e in s.events), 15)
     assert installed(bed.peer.session(), "kp", "net")
+
+
+def test_calls_for_different_ike_sas_do_not_wait_for_each_other(bed: Bed) -> None:
+    """An outbound add_sa of a rekey may wait for the agent (the GMN holds it until the
+    data path has the new inbound SA). Another IKE SA's CHILD_SA must not wait behind
+    it: the plugin once held its state lock across every request, and a GPN's failed
+    tunnels were recovered one after the other."""
+    server = current(bed)
+    peer_s, gmn_s = bed.peer.session(), bed.gmn.session()
+    run("ip", "-n", bed.peer_ns, "addr", "add", "10.91.7.1/32", "dev", "lo")
+    child2 = {"esp_proposals": ["aes128gcm16-x25519"], "rekey_time": "1h", "life_time": "2h", "rand_time": "0"}
+    for sess, ids in ((peer_s, ["peer2", "gmn2"]), (gmn_s, ["gmn2", "peer2"])):
+        sess.load_shared({"type": "IKE", "data": bed.psk, "owners": ids})
+    peer_s.load_conn({"kp2": conn_config(PEER_IP, GMN_IP, "peer2", "gmn2", {
+        "net2": {**child2, "local_ts": ["10.91.7.0/24"], "remote_ts": ["10.91.8.0/24"]}})})
+    gmn_s.load_conn({"kp2": conn_config(GMN_IP, PEER_IP, "gmn2", "peer2", {
+        "net2": {**child2, "local_ts": ["10.91.8.0/24"], "remote_ts": ["10.91.7.0/24"]}})})
+    try:
+        for _ in peer_s.initiate({"ike": "kp2", "child": "net2", "timeout": 10000}):
+            pass
+        a = wait_until(lambda: installed(gmn_s, "kp", "net"), 10, "kp/net")[0]
+        b = wait_until(lambda: installed(gmn_s, "kp2", "net2"), 10, "kp2/net2")[0]
+        reqid_a, reqid_b = int(a["reqid"]), int(b["reqid"])
+        assert reqid_a != reqid_b
+        held: dict[str, float] = {}
+        seen_b: dict[str, float] = {}
+
+        trace: list[str] = []
+
+        def hook(event: Any) -> None:
+            msg = event.message
+            trace.append(f"{time.monotonic():.3f} {event.kind} reqid={getattr(msg, 'reqid', '-')} "
+                         f"in={getattr(msg, 'inbound', '-')}")
+            if event.kind != "add_sa":
+                return
+            if msg.reqid == reqid_a and not msg.inbound and "start" not in held:
+                held["start"] = time.monotonic()
+                time.sleep(1.5)  # the agent takes its time with this one
+                held["end"] = time.monotonic()
+            elif msg.reqid == reqid_b:
+                seen_b["in" if msg.inbound else "out"] = time.monotonic()
+
+        server._on_change = hook  # type: ignore[assignment]
+        gmn_s.rekey({"child-id": a["uniqueid"]})
+        wait_until(lambda: "start" in held, 10, "kp/net's outbound add_sa to be held")
+        # (VICI answers this only once it has walked every IKE SA, kp's too: after the hold)
+        gmn_s.rekey({"child-id": b["uniqueid"]})
+        wait_until(lambda: "out" in seen_b and "end" in held, 10, "both rekeys' outbound SAs")
+        assert seen_b["out"] < held["end"] - 0.5, (
+            "kp2's CHILD_SA waited for kp's held add_sa:\n" + "\n".join(trace))
+    finally:
+        server._on_change = None  # type: ignore[assignment]
+        for _ in gmn_s.terminate({"ike": "kp2", "timeout": 5000}):
+            pass

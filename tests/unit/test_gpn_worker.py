@@ -217,11 +217,15 @@ def test_inbound_update_keeps_the_replay_window() -> None:
                                           SaKeys.from_keymat(Suite.AES128GCM16, key), "127.0.0.5", "127.0.0.1",
                                           encap=UdpEncap()))
     first = peer.encapsulate(build_ipv4_header("10.201.0.10", "10.1.0.10", 17, 8) + bytes(8))
+    w._now = 1700000000.0
     w._on_esp_udp(first, ("127.0.0.5", 4500), 0)
+    assert w.inb[0x1001].first == 1700000000.0  # its first packet
     w._handle(("add", _wire(record(0x1001, "in", key, ("127.0.0.5", 4600))), None, 0))  # NAT moved the peer
+    w._now = 1700000001.0
     w._on_esp_udp(first, ("127.0.0.5", 4600), 0)  # still a replay
     assert w.dec.drops.as_dict()["replayed"] == 1
     assert w.dec.get(0x1001).stats.packets == 1  # type: ignore[union-attr]
+    assert w.inb[0x1001].first == 1700000000.0  # the same SA: its first use stays
 
 
 def test_a_frame_waits_briefly_for_its_tunnels_route() -> None:
