@@ -35,6 +35,11 @@ happened). ``--direction from-site`` offers the load from the site's host: the t
 site's ``kernel-libipsec`` sender carries about 95 Mbit/s here and queues the rest
 without bound ahead of its IKE messages, so that measures the test peer (docs/bench.md).
 
+``--cc`` (default ``cubic``) is the TCP load's congestion control: with ``bbr``, this
+machine's default, the stream dips by 40-60 % for 200 ms every 10 s (PROBE_RTT), with or
+without a migration. ``PROTEGO_TESTBED_CPUS=split`` runs either benchmark with the control
+plane and the data path on separate CPUs (docs/testbed.md); the output says which.
+
 ``--keep-logs DIR`` copies the testbed's logs (agents, charons with millisecond
 timestamps, etcd) before the teardown.
 """
@@ -140,7 +145,7 @@ class RateMonitor:
                 cmd += ["-C", congestion]
         self.client = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        start_new_session=True)
-        self.started = time.time()  # the load's start (this testbed's stream also dips every ~10.2 s of it)
+        self.started = time.time()  # the load's start (with bbr the stream dips every ~10 s of it: PROBE_RTT)
 
     def _read(self) -> None:
         assert self.server.stdout is not None
