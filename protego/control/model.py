@@ -26,6 +26,16 @@ def tenant_key(tenant: str) -> str:
     return f"{PREFIX}tenants/{tenant}"
 
 
+def steer_out_tunnel(key: str) -> tuple[str, str] | None:
+    """``<PREFIX>steer/out/<tenant>/<tunnel>`` -> (tenant, tunnel); None for any other key
+    (the GMN writes these; the GPNs and the GMN itself read them back)."""
+    head = f"{PREFIX}steer/out/"
+    if not key.startswith(head):
+        return None
+    parts = key[len(head):].split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+
+
 def tunnel_key(tenant: str, tunnel: str) -> str:
     return f"{PREFIX}tunnels/{tenant}/{tunnel}"
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protego.control.model import PREFIX, Tenant, Tunnel
+from protego.control.model import PREFIX, Tenant, Tunnel, steer_out_tunnel
 from protego.errors import PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
@@ -896,16 +896,17 @@ class GmnAgent:
         keeps it only OUTBOUND_LINGER_S)."""
         self._catch_up()
         with self._sa_lock:
-            recs = self.view.json_items(f"{PREFIX}sas/")
-            spis = {(r.get("tenant"), r.get("tunnel"), r.get("spi")) for r in recs.values()
-                    if r.get("direction") == "out"}
+            spis: dict[tuple[str, str], set[str]] = {}  # tunnel -> its outbound SAs' SPIs
+            for r in self.view.json_items(f"{PREFIX}sas/").values():
+                if r.get("direction") == "out":
+                    spis.setdefault((r.get("tenant"), r.get("tunnel")), set()).add(r.get("spi"))
             for key, cur in self.view.json_items(f"{PREFIX}steer/out/").items():
-                parts = key[len(PREFIX) + len("steer/out/"):].split("/")
-                if len(parts) != 2 or not isinstance(cur, dict):
+                tunnel_id = steer_out_tunnel(key)
+                if tunnel_id is None or not isinstance(cur, dict):
                     continue
-                t, tun = parts
-                if ((t, tun) in self.state.steer_pending or (t, tun) in self.state.deferred
-                        or (t, tun, cur.get("spi")) in spis or not any(x[:2] == (t, tun) for x in spis)):
+                t, tun = tunnel_id
+                if (tunnel_id in self.state.steer_pending or tunnel_id in self.state.deferred
+                        or not spis.get(tunnel_id) or cur.get("spi") in spis[tunnel_id]):
                     continue
                 ops = self._repoint_outbound({"tenant": t, "tunnel": tun, "spi": cur.get("spi")}, exclude="")
                 if ops:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from protego.control.model import PREFIX
+from protego.control.model import PREFIX, steer_out_tunnel
 from protego.errors import ConfigError, DataplaneError, ProtegoError
 from protego.store.etcd import Etcd, Lease, PutOp, encode_json, key_present
 from protego.store.view import PrefixView
@@ -399,9 +399,9 @@ class GpnAgent:
                 self._vips = vips
         steer = {}
         for key, val in self.steer_view.json_items(f"{PREFIX}steer/out/").items():
-            parts = key[len(PREFIX) + len("steer/out/"):].split("/")
-            if len(parts) == 2 and isinstance(val, dict):
-                steer[(parts[0], parts[1])] = str(val.get("spi", ""))
+            tun = steer_out_tunnel(key)
+            if tun is not None and isinstance(val, dict):
+                steer[tun] = str(val.get("spi", ""))
         routes = egress_routes(sas, steer)
         if routes != self._egress:
             self.engine.set_egress(routes)

@@ -93,6 +93,9 @@ class EngineStats:
     first: dict[tuple[str, int], float] = field(default_factory=dict)  # inbound SA -> its first packet (wall clock)
 
 
+_CHANGES = frozenset({"add", "del", "egress", "hosts"})  # worker requests that change its data path
+
+
 def parse_cpu_list(text: str, available: set[int] | None = None) -> tuple[int, ...]:
     """``"1,3-5"`` -> (1, 3, 4, 5); ``""`` -> () (no restriction). Every CPU must exist
     (``available``: this machine's CPUs by default; the agent itself may be kept on others,
@@ -147,7 +150,7 @@ class Engine:
         self._conns: list[Any] = []
         self._lock = threading.Lock()
         self._sync_token = 0
-        self.requests = 0  # requests sent to workers (a reconcile pass that sent one waits for them: sync)
+        self.requests = 0  # changes sent to workers (a reconcile pass that sent one waits for them: sync)
         self.seqs: SharedSequences | None = None
         self._slots: dict[int, tuple[int, int]] = {}  # outbound SPI -> (slot, tag)
         self.started = 0.0
@@ -232,7 +235,8 @@ class Engine:
 
     # ------------------------------------------------------------------ control
     def _send(self, i: int, msg: tuple[Any, ...]) -> None:
-        self.requests += 1
+        if msg[0] in _CHANGES:
+            self.requests += 1
         try:
             self._conns[i].send(msg)
         except (OSError, ValueError) as exc:

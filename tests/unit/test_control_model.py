@@ -120,3 +120,13 @@ def test_durations() -> None:
     assert parse_duration("x", "1d") == 86400
     with pytest.raises(ConfigError, match="x: malformed duration"):
         parse_duration("x", "4 hours")
+
+
+def test_steer_out_tunnel_reads_back_the_key() -> None:
+    from protego.control.model import PREFIX, steer_out_tunnel
+    from protego.gmn.records import steer_out_key
+
+    assert steer_out_tunnel(steer_out_key("acme", "hq")) == ("acme", "hq")
+    for other in (f"{PREFIX}steer/out/acme", f"{PREFIX}steer/out/acme/hq/x", f"{PREFIX}steer/out//hq",
+                  f"{PREFIX}steer/in/203.0.113.11/c0000001", "steer/out/acme/hq"):
+        assert steer_out_tunnel(other) is None

@@ -45,6 +45,23 @@ def _answering_gpn(addr: str, port: int) -> Iterator[None]:
         gpn.close()
 
 
+def _watch_answering(cfg: hb.DetectorConfig, gpns: dict[str, str], answering: str,
+                     seconds: float) -> tuple[hb.HeartbeatMonitor, list[hb.Transition]]:
+    """A monitor of ``gpns`` run for ``seconds`` while ``answering`` answers its probes;
+    the monitor (stopped) and the transitions it reported."""
+    port = _free_udp_port()
+    seen: list[hb.Transition] = []
+    mon = hb.HeartbeatMonitor(hb.Detector(cfg), seen.append, bind_addr="127.0.0.1", port=port)
+    mon.set_gpns(gpns)
+    with _answering_gpn(answering, port):
+        mon.start()
+        try:
+            time.sleep(seconds)
+        finally:
+            mon.stop()
+    return mon, seen
+
+
 def _monitor(refused_is_dead: bool) -> tuple[hb.HeartbeatMonitor, list[tuple[float, hb.Transition]]]:
     seen: list[tuple[float, hb.Transition]] = []
     det = hb.Detector(hb.DetectorConfig(interval=0.2, misses=3, refused_is_dead=refused_is_dead))
@@ -85,17 +102,8 @@ def test_answering_gpn_is_not_refused_and_off_switch_waits_for_misses() -> None:
     assert seen[0][0] - t0 >= 0.4  # the third missed round, not the first refusal
 
     # a GPN that answers is never refused
-    port = _free_udp_port()
-    seen2: list[hb.Transition] = []
-    det = hb.Detector(hb.DetectorConfig(interval=0.02, misses=3, recover=3))
-    mon2 = hb.HeartbeatMonitor(det, seen2.append, bind_addr="127.0.0.1", port=port)
-    mon2.set_gpns({"gpny": "127.0.0.3"})
-    with _answering_gpn("127.0.0.3", port):
-        mon2.start()
-        try:
-            time.sleep(0.5)
-        finally:
-            mon2.stop()
+    mon2, seen2 = _watch_answering(hb.DetectorConfig(interval=0.02, misses=3, recover=3),
+                                   {"gpny": "127.0.0.3"}, "127.0.0.3", 0.5)
     assert [(t.gpn, t.state) for t in seen2] == [("gpny", "alive")]
     assert mon2.stats()["gpny"]["refusals"] == 0
 
@@ -104,18 +112,9 @@ def test_a_refusing_gpn_never_costs_a_healthy_one_its_probes() -> None:
     """The kernel reports an ICMP error on the socket's *next* call, which may be the
     probe to another GPN: that probe must still go out (regression: the healthy GPN
     missed every round and was declared dead 3 rounds after the dead one)."""
-    port = _free_udp_port()
-    seen: list[hb.Transition] = []
-    det = hb.Detector(hb.DetectorConfig(interval=0.01, misses=3, recover=5))
-    mon = hb.HeartbeatMonitor(det, seen.append, bind_addr="127.0.0.1", port=port)
     # gpnx sorts first: its probe (refused) goes out before gpny's in every round
-    mon.set_gpns({"gpnx": "127.0.0.2", "gpny": "127.0.0.3"})
-    with _answering_gpn("127.0.0.3", port):
-        mon.start()
-        try:
-            time.sleep(1.0)
-        finally:
-            mon.stop()
+    mon, seen = _watch_answering(hb.DetectorConfig(interval=0.01, misses=3, recover=5),
+                                 {"gpnx": "127.0.0.2", "gpny": "127.0.0.3"}, "127.0.0.3", 1.0)
     assert ("gpnx", "dead") in [(t.gpn, t.state) for t in seen]
     assert [(t.gpn, t.state) for t in seen if t.gpn == "gpny"] == [("gpny", "alive")]
     st = mon.stats()
