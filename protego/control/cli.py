@@ -351,8 +351,11 @@ def tunnel_migrate(ctx: click.Context, ref: str, target: str, timeout: float, as
                   progress=None if as_json else (lambda m: click.echo(m, err=True)))
     if as_json:
         click.echo(json.dumps(res.__dict__))
+    elif res.state == "done" and res.source == res.target:
+        click.echo(f"tunnel {ref} is already on {res.target}: nothing to do")
     elif res.state == "done":
-        click.echo(f"tunnel {ref} moved {res.source} -> {res.target}: switched in {res.switch_ms:.0f} ms, "
+        switched = f"switched in {res.switch_ms:.0f} ms, " if res.switch_ms is not None else ""
+        click.echo(f"tunnel {ref} moved {res.source} -> {res.target}: {switched}"
                    f"source cleaned after {res.total_ms:.0f} ms")
     if res.state != "done":
         raise click.ClickException(f"migration of {ref} failed: {res.detail}")

@@ -3,12 +3,14 @@
 A request is one etcd key, ``requests/migrate/<tenant>/<tunnel>``; the active GMN
 agent carries it out (pin the next placement, rekey the CHILD_SA) and records its
 progress in the same key: ``requested`` → ``rekeying`` (+ ``switched``) → ``done`` or
-``failed``.  The requester removes the key once it has read the outcome.
+``failed``.  The requester removes the key once it has read the outcome; a finished
+request left behind (its requester was interrupted) is replaced by the next request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +19,12 @@ from typing import Any
 
 from protego.control.model import PREFIX, tunnel_key
 from protego.errors import ConfigError, ConflictError, PeerError
-from protego.store.etcd import KV, Etcd, PutOp, key_absent, key_present
+from protego.store.etcd import KV, Etcd, PutOp, key_absent, key_present, mod_revision_is
 from protego.store.view import PrefixView
 
 MIGRATE_PREFIX = f"{PREFIX}requests/migrate/"
+
+log = logging.getLogger(__name__)
 
 
 def request_key(tenant: str, tunnel: str) -> str:
@@ -39,19 +43,38 @@ class MigrationResult:
     total_ms: float  # request -> old SAs gone from the source
 
 
+FINAL_STATES = ("done", "failed")
+
+
 def request_migration(etcd: Etcd, tenant: str, tunnel: str, target: str) -> float:
-    """Write the request (refused if the tunnel is unknown or already migrating). Returns its time."""
-    now = time.time()
-    res = etcd.txn(
-        [key_present(tunnel_key(tenant, tunnel)), key_absent(request_key(tenant, tunnel))],
-        [PutOp(request_key(tenant, tunnel), json.dumps({"to": target, "state": "requested",
-                                                        "requested": now}).encode())],
-    )
-    if not res.succeeded:
+    """Write the request (refused if the tunnel is unknown or already migrating). Returns its time.
+
+    A request in a final state (``done``, ``failed``) whose requester never came back for
+    it (a CLI interrupted while it waited, a controller that crashed) is not a migration
+    in progress: it is replaced, in one transaction that fails if it changed meanwhile."""
+    key = request_key(tenant, tunnel)
+    for _ in range(3):
+        now = time.time()
+        put = PutOp(key, json.dumps({"to": target, "state": "requested", "requested": now}).encode())
+        res = etcd.txn([key_present(tunnel_key(tenant, tunnel)), key_absent(key)], [put])
+        if res.succeeded:
+            return now
         if etcd.get(tunnel_key(tenant, tunnel)) is None:
             raise ConfigError(f"unknown tunnel '{tenant}/{tunnel}'")
-        raise ConflictError(f"tunnel {tenant}/{tunnel} is already being migrated")
-    return now
+        old = etcd.get(key)
+        if old is None:
+            continue  # its requester removed it meanwhile: try again
+        try:
+            state = old.json().get("state")
+        except (ConfigError, AttributeError):  # not JSON, not an object: not ours to replace
+            state = None
+        if state not in FINAL_STATES:
+            raise ConflictError(f"tunnel {tenant}/{tunnel} is already being migrated")
+        if etcd.txn([key_present(tunnel_key(tenant, tunnel)), mod_revision_is(key, old.mod_revision)],
+                    [put]).succeeded:
+            log.info("%s/%s: replaced a finished migration request nobody collected (%s)", tenant, tunnel, state)
+            return now
+    raise ConflictError(f"tunnel {tenant}/{tunnel}: its migration request keeps changing; try again")
 
 
 def wait_migration(etcd: Etcd, tenant: str, tunnel: str, timeout: float = 45.0,

@@ -194,6 +194,8 @@ class GpnAgent:
         self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
         self.registered_revision = 0
         self._acked = (0, 0)
+        # what this GPN's data path held at its last acknowledgement (see _ack)
+        self._acked_state: tuple[Any, ...] | None = None
         self._egress: list[EgressRoute] | None = None
         self._hosts: dict[tuple[int, int], tuple[bytes, str]] | None = None
         self._vips: set[str] | None = None
@@ -250,6 +252,8 @@ class GpnAgent:
         rec = {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr, "cores": self.engine.workers,
                "backend": self.backend, "started": self.started}
         rev = self.etcd.put_json(f"{PREFIX}gpn/nodes/{self.cfg.node}", rec, lease=self._lease)
+        # a new lease: the acknowledgement went with the old one; the next pass writes it
+        self._acked, self._acked_state = (0, 0), None
         if not self.registered_revision:  # the first registration of this agent's life
             self.registered_revision = rev
 
@@ -427,20 +431,33 @@ class GpnAgent:
             except DataplaneError as exc:
                 log.error("not acknowledging revision %d: %s", sas_rev, exc)
                 return
-        self._ack(min(sas_rev, steer_rev), sas_rev)
+        state = (tuple(sorted((k, m) for k, (_c, m, _g) in want.items())), tuple(sorted(self.lingering)),
+                 routes, hosts, tuple(sorted(self._vips or ())))
+        self._ack(min(sas_rev, steer_rev), sas_rev, state)
 
-    def _ack(self, revision: int, sas_rev: int) -> None:
+    def _ack(self, revision: int, sas_rev: int, state: tuple[Any, ...] | None = None) -> None:
         """Publish the etcd revision the data path now reflects (``gpn/applied/<gpn>``):
         the GMN holds charon's ``add_sa`` until the SA's GPN has acknowledged it, so a
         peer never uses a new SA the data path does not have yet. ``sas_rev``: the
-        revision of ``sas/`` this pass installed."""
+        revision of ``sas/`` this pass installed.
+
+        ``state``: what the data path holds (this GPN's SA records and their revisions,
+        egress routes, hosts, VIPs). A pass that changed none of it is acknowledged only
+        to complete the previous acknowledgement (its ``revision``, the lower of the two
+        views', behind its ``sas_revision``: the GMN waits for both views to reach an SA's
+        transaction): the GMN waits for a GPN only on transactions that change that GPN's
+        SA records, and every GPN acknowledging every transaction of every other GPN's
+        tunnels cost etcd and each of its watchers one write per GPN per transaction."""
         if (revision <= self._acked[0] and sas_rev <= self._acked[1]) or self.etcd is None or self._lease is None:
+            return
+        if state is not None and state == self._acked_state \
+                and not (self._acked[0] < self._acked[1] and revision > self._acked[0]):
             return
         # sas_revision alone: the SAs are installed (what an SA the GMN does not steer to
         # yet needs); revision: SAs and egress steering both applied
         self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}",
                            {"revision": revision, "sas_revision": sas_rev, "ts": time.time()}, lease=self._lease)
-        self._acked = (revision, sas_rev)
+        self._acked, self._acked_state = (revision, sas_rev), state
 
     def _apply_vips(self, want: set[str]) -> None:
         from pyroute2 import IPRoute

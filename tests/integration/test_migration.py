@@ -68,6 +68,21 @@ def test_migration_back_and_forth_under_load_loses_nothing(tb: tbmod.Testbed) ->
     assert {r["gpn"] for r in recs} == {results[-1].target}
 
 
+def test_migration_to_the_gpn_the_tunnel_is_on_changes_nothing(tb: tbmod.Testbed) -> None:
+    """Said done ("already on"), not pretended: no rekey, the same SAs, no switch time."""
+    site = tb.topology.sites[0]
+    tenant = tb.topology.tenant(site.tenant)
+    here = placement(tb, tenant.name, site.name)
+    before = sorted(k for k, r in records(tb).items() if r["tunnel"] == site.name)
+    ikes = ike_spis(tb)
+    with tb.etcd() as e:
+        res = migrate(e, tenant.name, site.name, here, timeout=20)
+    assert (res.state, res.detail, res.source, res.target, res.switch_ms) == ("done", f"already on {here}", here,
+                                                                           here, None)
+    assert sorted(k for k, r in records(tb).items() if r["tunnel"] == site.name) == before
+    assert ike_spis(tb) == ikes
+
+
 def test_migration_while_the_peer_rekeys_loses_nothing(tb: tbmod.Testbed) -> None:
     site = tb.topology.sites[1]
     tenant = tb.topology.tenant(site.tenant)

@@ -232,3 +232,68 @@ def test_repair_steering_points_a_dangling_outbound_steering_at_the_newest_sa() 
     put = txns[0][0]
     assert put.key == f"{PREFIX}steer/out/acme/hq"
     assert {k: json.loads(put.value)[k] for k in ("gpn", "spi")} == {"gpn": "gpn2", "spi": "c0000003"}
+
+
+def test_a_recovery_rekey_that_lands_nothing_is_asked_again_soon(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A tunnel on a dead GPN is rekeyed once; asked again after RECOVERY_REASK_S if not
+    one SA of it landed meanwhile (charon dropped the rekey), after RECOVERY_RETRY_S
+    otherwise (the rekey is under way)."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from protego.control.model import PREFIX
+    from protego.gmn import agent as agent_mod
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV
+
+    rekeys: list[str] = []
+
+    class FakeVici:
+        def __init__(self, _sock: str) -> None:
+            pass
+
+        def __enter__(self) -> "FakeVici":
+            return self
+
+        def __exit__(self, *_exc: object) -> None:
+            pass
+
+        def list_sas(self) -> list[dict[str, object]]:
+            return [{"ike": "acme_hq", "child_state": "INSTALLED", "child_id": 7}]
+
+        def rekey_child(self, child_id: object) -> None:
+            rekeys.append(str(child_id))
+
+    monkeypatch.setattr(agent_mod, "ViciClient", FakeVici)
+    a = _catch_up_agent(1.0)
+    a.state = _State()
+    a.cfg = SimpleNamespace(vici_socket="unused", node="gmn1")  # type: ignore[assignment]
+    a._event = lambda *args, **kw: None  # type: ignore[method-assign]
+    a.gpn_views = lambda: {"gpn1": GpnView("gpn1", True, False), "gpn2": GpnView("gpn2", True, True)}  # type: ignore[method-assign]
+
+    def load(sas: list[dict[str, object]]) -> None:
+        kvs = [KV(f"{PREFIX}placement/acme/hq", json.dumps({"gpn": "gpn1"}).encode(), 1, 1, 1)]
+        kvs += [KV(f"{PREFIX}sas/203.0.113.11/{i:08x}", json.dumps(r).encode(), 2, 2, 1) for i, r in enumerate(sas)]
+        a.view.on_snapshot(10, kvs)
+
+    old = {"tenant": "acme", "tunnel": "hq", "direction": "in", "gpn": "gpn1", "created": time.time() - 60}
+    load([old])
+    a._recover_failed_gpns()
+    assert rekeys == ["7"]
+    a._recover_failed_gpns()  # at once: not again
+    assert rekeys == ["7"]
+    # RECOVERY_REASK_S later, nothing landed: asked again, and said so
+    a.state.rekey_asked[("acme", "hq")] -= agent_mod.RECOVERY_REASK_S + 0.1
+    with caplog.at_level("WARNING"):
+        a._recover_failed_gpns()
+    assert rekeys == ["7", "7"] and "no SA of its recovery rekey landed" in caplog.text
+    # the rekey's inbound SA landed (its outbound SA, and the placement, still to come)
+    load([old, {"tenant": "acme", "tunnel": "hq", "direction": "in", "gpn": "gpn2", "created": time.time()}])
+    a.state.rekey_asked[("acme", "hq")] -= agent_mod.RECOVERY_REASK_S + 0.1
+    a._recover_failed_gpns()
+    assert rekeys == ["7", "7"]
+    a.state.rekey_asked[("acme", "hq")] -= agent_mod.RECOVERY_RETRY_S
+    a._recover_failed_gpns()
+    assert rekeys == ["7", "7", "7"]

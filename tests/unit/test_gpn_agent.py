@@ -278,7 +278,7 @@ def test_ack_claims_only_the_revisions_the_pass_applied() -> None:
     a = agent_with({0x1001: (11, rec(0x1001, "in"))})
     a.steer_view.on_snapshot(100, [])
     acks: list[tuple[int, int]] = []
-    a._ack = lambda revision, sas_rev: acks.append((revision, sas_rev))  # type: ignore[method-assignment]
+    a._ack = lambda revision, sas_rev, state=None: acks.append((revision, sas_rev))  # type: ignore[method-assignment]
     eng: FakeEngine = a.engine  # type: ignore[assignment]
     real_add = eng.add_sa
 
@@ -308,7 +308,7 @@ def test_a_pass_that_changed_the_workers_acknowledges_only_after_their_barrier()
     a.steer_view.on_snapshot(100, [])
     eng: FakeEngine = a.engine  # type: ignore[assignment]
     acks: list[tuple[int, int]] = []
-    a._ack = lambda revision, sas_rev: (acks.append((revision, sas_rev)),  # type: ignore[method-assignment]
+    a._ack = lambda revision, sas_rev, state=None: (acks.append((revision, sas_rev)),  # type: ignore[method-assignment]
                                         eng.order.append("ack"))
     a.reconcile()
     assert eng.order.index("add") < eng.order.index("sync") < eng.order.index("ack")
@@ -322,3 +322,62 @@ def test_a_pass_that_changed_the_workers_acknowledges_only_after_their_barrier()
     acks.clear()
     a.reconcile()
     assert ("in", 0x1002) in eng.sas and acks == []  # installed, but not claimed
+
+
+class AckEtcd:
+    """Records the acknowledgements a GPN agent writes (``gpn/applied/<gpn>``)."""
+
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, int]] = []
+
+    def put_json(self, key: str, value: dict[str, Any], lease: Any = None) -> int:
+        if key == f"{PREFIX}gpn/nodes/gpn1":  # a registration
+            return 200
+        assert key == f"{PREFIX}gpn/applied/gpn1"
+        self.acks.append((value["revision"], value["sas_revision"]))
+        return 0
+
+
+def test_passes_that_change_nothing_of_this_gpn_write_no_acknowledgement() -> None:
+    """The GMN waits for a GPN only on transactions that change that GPN's SA records:
+    another GPN's SA or steering costs no write here, a pass that changes one of ours
+    is acknowledged, and so is the pass that completes an acknowledgement whose steering
+    view lagged (the GMN waits for both views to reach an inbound SA's transaction)."""
+    a = agent_with({0x1001: (11, rec(0x1001, "in"))})
+    a.steer_view.on_snapshot(100, [])
+    etcd = AckEtcd()
+    a.etcd, a._lease = etcd, object()  # type: ignore[assignment]
+    a.reconcile()
+    assert etcd.acks == [(100, 100)]
+    # another GPN's inbound SA and its steering (one transaction, 101): nothing here
+    other = KV(f"{PREFIX}sas/203.0.113.11/00003001", json.dumps(rec(0x3001, "in", gpn="gpn2")).encode(),
+               101, 101, 1)
+    a.sas_view.on_events([Event(EventType.PUT, other)])
+    a.reconcile()
+    a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00003001", b"{}",
+                                                     101, 101, 1))])
+    a.reconcile()
+    assert etcd.acks == [(100, 100)]
+    # our own inbound SA (102), its SA view first: acknowledged at once (sas_revision),
+    # then again when the steering view reaches 102 too
+    ours = KV(f"{PREFIX}sas/203.0.113.11/00001002", json.dumps(rec(0x1002, "in")).encode(), 102, 102, 1)
+    a.sas_view.on_events([Event(EventType.PUT, ours)])
+    a.reconcile()
+    assert etcd.acks[-1] == (101, 102)
+    a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00001002", b"{}",
+                                                     102, 102, 1))])
+    a.reconcile()
+    assert etcd.acks[-1] == (102, 102) and len(etcd.acks) == 3
+    a.reconcile()  # level-triggered: nothing new
+    assert len(etcd.acks) == 3
+    # the other GPN's SA goes (103): nothing here; ours goes (104): acknowledged
+    a.sas_view.on_events([Event(EventType.DELETE, KV(other.key, b"", 0, 103, 0))])
+    a.reconcile()
+    assert len(etcd.acks) == 3
+    a.sas_view.on_events([Event(EventType.DELETE, KV(ours.key, b"", 0, 104, 0))])
+    a.reconcile()
+    assert etcd.acks[-1] == (102, 104) and len(etcd.acks) == 4
+    # a new registration (the lease, and the acknowledgement with it, went): written again
+    a._register()
+    a.reconcile()
+    assert etcd.acks[-1] == (102, 104) and len(etcd.acks) == 5

@@ -193,6 +193,22 @@ def test_no_gmn_drops_ike_and_counts() -> None:
     assert ruleset.wanted_next_hops(st, {"gin"}) == {"192.0.2.21"}
 
 
+def test_every_registered_gpn_has_a_next_hop_before_its_first_tunnel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recovery onto a GPN that carries nothing yet must not wait for its policy route:
+    registered GPNs get one in advance, as long as spare slots last (GPNs owning inbound
+    SPIs and the GMN always do)."""
+    e = entries(**{"gpn/nodes/gpn2": {"node": "gpn2", "fabric_addr": "192.0.2.22"},
+                   "gpn/nodes/gpn3": {"node": "gpn3", "fabric_addr": "192.0.2.23"}})
+    st = model.build_state(e)
+    assert ruleset.wanted_next_hops(st, {"gin"}) == {"192.0.2.11", "192.0.2.21", "192.0.2.22", "192.0.2.23"}
+    assert ruleset.wanted_next_hops(st, {"gen"}) == set()  # the GEN marks nothing
+    monkeypatch.setattr(ruleset, "SPARE_HOP_SLOTS", 3)
+    # 2 hops needed (gpn1 owns an SPI, the GMN): one spare slot left, the lowest address
+    assert ruleset.wanted_next_hops(st, {"gin"}) == {"192.0.2.11", "192.0.2.21", "192.0.2.22"}
+    monkeypatch.setattr(ruleset, "SPARE_HOP_SLOTS", 1)
+    assert ruleset.wanted_next_hops(st, {"gin"}) == {"192.0.2.11", "192.0.2.21"}
+
+
 def test_gen_table_content_and_keys() -> None:
     t = tables(entries())["protego_gen"]
     tid = tunnel_id("acme", "hq")

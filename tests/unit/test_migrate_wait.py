@@ -1,5 +1,7 @@
 """``wait_migration`` follows the request's key by a watch (a real etcd on loopback):
-it sees every state the GMN writes, does not poll etcd, and reports failures."""
+it sees every state the GMN writes, does not poll etcd, and reports failures.
+``request_migration`` refuses a second migration of a tunnel in progress and replaces
+a finished request its requester never collected."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from protego.control.migrate import request_key, wait_migration
-from protego.errors import PeerError
+from protego.control.migrate import request_key, request_migration, wait_migration
+from protego.control.model import tunnel_key
+from protego.errors import ConfigError, ConflictError, PeerError
 from protego.store.etcd import Etcd
 
 
@@ -85,6 +88,43 @@ def test_wait_reports_a_vanished_request_and_a_timeout(etcd_loopback: list[str])
             wait_migration(client, "acme", "hq", timeout=1.0, poll=0.3)
         assert 0.9 <= time.monotonic() - t0 < 3.0
         assert client.get(key) is None  # a timed-out request is withdrawn
+    finally:
+        client.delete_prefix("/protego/")
+        client.close()
+
+
+def test_request_refuses_a_migration_in_progress_and_replaces_a_finished_one(etcd_loopback: list[str]) -> None:
+    client = Etcd(etcd_loopback)
+    try:
+        client.delete_prefix("/protego/")
+        key = request_key("acme", "hq")
+        with pytest.raises(ConfigError, match="unknown tunnel 'acme/hq'"):
+            request_migration(client, "acme", "hq", "gpn2")
+        assert client.get(key) is None
+        client.put(tunnel_key("acme", "hq"), b"{}")
+        t0 = request_migration(client, "acme", "hq", "gpn2")
+        first = client.get(key)
+        assert first is not None and first.json() == {"to": "gpn2", "state": "requested", "requested": t0}
+        # in progress (requested, then rekeying): refused, the request left as it was
+        for state in ("requested", "rekeying"):
+            client.put(key, json.dumps({**first.json(), "state": state}).encode())
+            before = client.get(key)
+            with pytest.raises(ConflictError, match="already being migrated"):
+                request_migration(client, "acme", "hq", "gpn1")
+            after = client.get(key)
+            assert after is not None and before is not None and after.mod_revision == before.mod_revision
+        # finished, but its requester was interrupted before it removed the key
+        for state in ("done", "failed"):
+            client.put(key, json.dumps({"to": "gpn2", "state": state, "requested": t0, "finished": t0 + 1}).encode())
+            t1 = request_migration(client, "acme", "hq", "gpn1")
+            now = client.get(key)
+            assert now is not None and now.json() == {"to": "gpn1", "state": "requested", "requested": t1}
+        # a value that is not ours to judge is not replaced
+        client.put(key, b"not json")
+        with pytest.raises(ConflictError):
+            request_migration(client, "acme", "hq", "gpn2")
+        kv = client.get(key)
+        assert kv is not None and kv.value == b"not json"
     finally:
         client.delete_prefix("/protego/")
         client.close()
