@@ -326,6 +326,7 @@ class GmnAgent:
                     if self.cfg.manage_vips:
                         self._reconcile_vips()
                     self._reconcile_conns(force_check=full)
+                    self._release_spare_spis()
                     self._done_rev = desired_rev
                 if self.ha is not None and self.ha.alive:
                     self.ha.set_charon(self._charon_pid(), self._conns_ready())
@@ -665,6 +666,22 @@ class GmnAgent:
         self._refill_spi_stash(vip, in_use | {spi})
         return spi
 
+    def _tenant_vips(self) -> set[str]:
+        return {str(t.vip) for t in self.tenants()}
+
+    def _release_spare_spis(self) -> None:
+        """The spare SPIs of VIPs no tenant has any more (a tenant removed): their
+        reservations go, with the rest of the tenant's keys."""
+        vips = self._tenant_vips()
+        with self._spi_lock:
+            gone = {vip: self._spi_stash.pop(vip) for vip in list(self._spi_stash) if vip not in vips}
+        for vip, spares in gone.items():
+            for spi, _lease in spares:
+                try:
+                    self.etcd.delete(spi_reservation_key(vip, spi))
+                except ProtegoError as exc:  # under our lease: it goes with it at the latest
+                    log.warning("could not release the spare SPI %08x of VIP %s: %s", spi, vip, exc)
+
     def _reserve_spi(self, vip: str, in_use: set[int], lease: int) -> int:
         for _ in range(64):
             spi = 0xC0000000 | secrets.randbits(30)
@@ -692,10 +709,13 @@ class GmnAgent:
                 # migration, a recovery from a dead GPN) whose etcd writes come next
                 if self._stop.wait(SPI_REFILL_DELAY_S):
                     return
+                if vip not in self._tenant_vips():
+                    return  # its tenant went meanwhile
                 lease = self._lease.id if self._lease else 0
                 spi = self._reserve_spi(vip, in_use, lease)
                 with self._spi_lock:
                     self._spi_stash.setdefault(vip, []).append((spi, lease))
+                self._release_spare_spis()  # its tenant may have gone during the reservation
             except ProtegoError as exc:  # the next get_spi reserves its own
                 log.warning("could not reserve a spare SPI for VIP %s: %s", vip, exc)
             finally:

@@ -1,16 +1,19 @@
 """The GMN's inbound SPIs (``GmnAgent._allocate_spi``), against a real etcd on loopback:
 each one reserved in etcd (``spi/<vip>/<spi>``) before charon gets it, and one spare per
 VIP reserved ahead in the background, so that the get_spi before a rekey's
-CREATE_CHILD_SA request (a migration, a recovery) needs no etcd round trip."""
+CREATE_CHILD_SA request (a migration, a recovery) needs no etcd round trip; a removed
+tenant's spare goes with the rest of its keys."""
 
 from __future__ import annotations
 
+import json
 import threading
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from protego.control.model import Tenant, tenant_key
 from protego.gmn import plugin_protocol as pp
 from protego.gmn import agent as gmn_agent
 from protego.gmn.agent import GmnAgent
@@ -20,6 +23,7 @@ from protego.store.view import PrefixView
 from tests.conftest import wait_until
 
 VIP = "203.0.113.11"
+ACME = KV(tenant_key("acme"), json.dumps(Tenant("acme", 1001, "10.1.0.0/24", VIP).to_json()).encode(), 1, 1, 1)
 
 
 class CountingEtcd(Etcd):
@@ -37,6 +41,7 @@ def _agent(etcd: Etcd) -> GmnAgent:
     a.cfg = SimpleNamespace(node="gmn1")  # type: ignore[assignment]
     a._lease = SimpleNamespace(id=0)  # type: ignore[assignment]  # no lease: reservations stay
     a.view = PrefixView()
+    a.view.on_snapshot(1, [ACME])
     a._stop = threading.Event()
     a._spi_lock = threading.Lock()
     a._spi_stash = {}
@@ -80,11 +85,22 @@ def test_every_spi_is_reserved_and_the_next_one_comes_from_the_spare(etcd_loopba
         wait_until(lambda: len(a._spi_stash.get(VIP, [])) == 1, 10, "no spare after a lease change")
 
         # a spare that an SA record names (never this GMN's doing, but never a duplicate)
-        spare = a._spi_stash[VIP][0][0]
-        a.view.on_snapshot(1, [KV(sa_key(VIP, spare), b"{}", 1, 1, 1)])
+        named = a._spi_stash[VIP][0][0]
+        a.view.on_snapshot(1, [ACME, KV(sa_key(VIP, named), b"{}", 1, 1, 1)])
         fifth = a._allocate_spi(_get_spi(), {first, second, fourth})
-        assert fifth != spare
+        assert fifth != named
         assert etcd.get(spi_reservation_key(VIP, fifth)) is not None
+
+        # the tenant goes: its spare's reservation goes with it (no key of it is left)
+        wait_until(lambda: len(a._spi_stash.get(VIP, [])) == 1, 10, "no spare after the fifth")
+        spare = a._spi_stash[VIP][0][0]
+        a.view.on_snapshot(2, [])
+        a._release_spare_spis()
+        assert VIP not in a._spi_stash and etcd.get(spi_reservation_key(VIP, spare)) is None
+        # a refill that starts after its tenant went reserves nothing
+        a._refill_spi_stash(VIP, set())
+        wait_until(lambda: not a._spi_refilling, 10, "the refill did not end")
+        assert VIP not in a._spi_stash and _reserved(etcd) == {first, second, third_spare, fourth, named, fifth}
     finally:
         wait_until(lambda: not a._spi_refilling, 10, "a refill still running")
         etcd.delete_prefix("/protego/")
