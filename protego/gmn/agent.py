@@ -67,6 +67,7 @@ MIGRATION_RETRY_S = 2.0  # a migration rekey that put nothing on the target is a
 MIGRATION_ATTEMPTS = 5
 MAX_EVENTS = 500
 DEFER_SWITCH_S = 2.0  # longest wait for a peer's DELETE before using the new outbound SA
+RECORD_GRACE_S = 10.0  # an SA charon has held this long without a record gets one (_reconcile_records)
 ADOPT_GRACE_S = 15.0  # after a takeover, the other GMN's records are reconciled once this has passed
 SPI_REFILL_DELAY_S = 1.0  # a VIP's spare inbound SPI is reserved again this long after its use
 RECOVERY_RETRY_S = 10.0  # a tunnel whose recovery rekey did not move it is asked again after this
@@ -1397,7 +1398,13 @@ class GmnAgent:
         if not self.server.connected or not self.state.leader:
             return
         with self.server._lock:  # a consistent copy of the plugin's view
-            installed = {(k[0], k[2]): rec.sa for k, rec in self.server.sas.items()}
+            # SAs charon installed a moment ago are still being placed by charon's own
+            # call (its transaction may be in flight): writing their records here too
+            # raced it, and placed a recovered tunnel's outbound SA on the dead GPN again
+            # (the placement read before the call's commit; a 10 s outage, seen twice)
+            settled = time.monotonic() - RECORD_GRACE_S
+            held = {(k[0], k[2]) for k in self.server.sas}
+            installed = {(k[0], k[2]): rec.sa for k, rec in self.server.sas.items() if rec.installed <= settled}
         # records the other GMN wrote are this one's after a takeover: once charon has had
         # time to settle (rekeyed SAs linger for delete_rekeyed_delay), a record whose SA
         # this charon does not hold is stale (e.g. the old SA of a rekey the other GMN
@@ -1406,7 +1413,7 @@ class GmnAgent:
         records = {(int(r["spi"], 16), r["dst"]): (k, r)
                    for k, r in self.view.json_items(f"{PREFIX}sas/").items()
                    if r.get("gmn") == self.cfg.node or adopt}
-        for (spi, dst) in sorted(set(records) - set(installed)):
+        for (spi, dst) in sorted(set(records) - held):
             log.info("SA %08x is gone from charon: removing its record", spi)
             self._del_sa(spi, dst)
         for (spi, dst) in sorted(set(installed) - set(records)):

@@ -297,3 +297,47 @@ def test_a_recovery_rekey_that_lands_nothing_is_asked_again_soon(monkeypatch: py
     a.state.rekey_asked[("acme", "hq")] -= agent_mod.RECOVERY_RETRY_S
     a._recover_failed_gpns()
     assert rekeys == ["7", "7", "7"]
+
+
+def test_record_reconciliation_leaves_sas_that_charon_s_own_call_is_placing() -> None:
+    """An SA charon installed a moment ago is still being placed by charon's own call
+    (its transaction may be in flight): the periodic reconciliation neither writes a
+    record for it (that raced the call, and placed a recovered tunnel's outbound SA on
+    the dead GPN again) nor takes its existing record for one of an SA charon no longer
+    holds. Once settled, an SA without a record gets one and a record without an SA goes."""
+    import json
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from protego.control.model import PREFIX
+    from protego.gmn import agent as agent_mod
+    from protego.gmn.agent import _State
+    from protego.gmn.plugin_server import SaRecord
+    from protego.store.etcd import KV
+
+    def sa(spi: int) -> pp.AddSa:
+        return pp.AddSa(src=pp.Host.parse("198.18.1.1"), dst=pp.Host.parse("203.0.113.11"), spi=spi, reqid=1,
+                        mode=1, enc_alg=20, flags=0)
+
+    now = time.monotonic()
+    old = now - agent_mod.RECORD_GRACE_S - 1
+    held = {sa(0xC0000001).key: SaRecord(sa(0xC0000001), now),   # young, no record yet: charon's call places it
+            sa(0xC0000002).key: SaRecord(sa(0xC0000002), now),   # young, its record just landed
+            sa(0xC0000003).key: SaRecord(sa(0xC0000003), old)}   # settled, no record: repaired
+    a = _catch_up_agent(1.0)
+    a.state = _State()
+    a.state.leader = True
+    a._active_since = None
+    a.cfg = SimpleNamespace(node="gmn1")  # type: ignore[assignment]
+    a.server = SimpleNamespace(connected=True, _lock=threading.Lock(), sas=held)  # type: ignore[assignment]
+    rec = {"spi": "c0000002", "dst": "203.0.113.11", "gmn": "gmn1"}
+    gone = {"spi": "c0000009", "dst": "203.0.113.11", "gmn": "gmn1"}  # charon does not hold it
+    a.view.on_snapshot(10, [KV(f"{PREFIX}sas/203.0.113.11/c0000002", json.dumps(rec).encode(), 2, 2, 1),
+                            KV(f"{PREFIX}sas/203.0.113.11/c0000009", json.dumps(gone).encode(), 2, 2, 1)])
+    added: list[int] = []
+    deleted: list[int] = []
+    a._add_sa = lambda s: added.append(s.spi)  # type: ignore[method-assign]
+    a._del_sa = lambda spi, dst: deleted.append(spi)  # type: ignore[method-assign]
+    a._reconcile_records()
+    assert added == [0xC0000003] and deleted == [0xC0000009]
