@@ -24,8 +24,9 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,6 @@ class _State:
     pinned: dict[tuple[str, str], str] = field(default_factory=dict)  # migration targets not yet mirrored
     rekeyed: dict[str, float] = field(default_factory=dict)  # outbound SA record key -> when we asked
     rekey_asked: dict[tuple[str, str], float] = field(default_factory=dict)  # failed-GPN recoveries
-    rekey_asked_wall: dict[tuple[str, str], float] = field(default_factory=dict)  # the same, time.time()
     no_gpn_logged: float = -1e9
     deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
     # inbound SAs of rekeys we initiated, placed but not yet acknowledged: (GPN, revision, SPI);
@@ -141,7 +141,7 @@ class _GroupCommit:
         self._etcd = etcd
         self._on_commit = on_commit  # called with each committed revision
         self._cond = threading.Condition()
-        self._queue: list[tuple[list[Any], Future[int]]] = []
+        self._queue: deque[tuple[list[Any], Future[int]]] = deque()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -179,7 +179,7 @@ class _GroupCommit:
             keys = self._keys(ops)
             if group and (keys is None or keys & seen or n + len(ops) > self.MAX_OPS):
                 break
-            group.append(self._queue.pop(0))
+            group.append(self._queue.popleft())
             n += len(ops)
             if keys is None:
                 break
@@ -230,8 +230,6 @@ class GmnAgent:
         self._spi_lock = threading.Lock()
         self._spi_stash: dict[str, list[tuple[int, int]]] = {}
         self._spi_refilling: set[str] = set()
-        # etcd writes that charon's call need not wait for, in order (_del_sa)
-        self._aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gmn-aside")
         self._commits = _GroupCommit(etcd, self._committed)
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
@@ -280,8 +278,7 @@ class GmnAgent:
                 self.ha.deactivate("agent stopping")
             self.ha.stop()
         self.server.stop()
-        self._aside.shutdown(wait=True)  # the writes charon was told were done
-        self._commits.stop()
+        self._commits.stop()  # commits what was submitted (also what charon was not kept waiting for)
         if self._watch is not None:
             self._watch.cancel()
         if self._lease is not None:
@@ -1000,7 +997,7 @@ class GmnAgent:
             found = self._find_record(spi, dst)
             if found is None:
                 # perhaps not yet mirrored: look it up in etcd itself
-                for vip in {t.vip for t in self.tenants()}:
+                for vip in self._tenant_vips():
                     kv = self.etcd.get(sa_key(vip, spi))
                     if kv is not None and (dst is None or kv.json().get("dst") == dst):
                         found = (kv.key, kv.json())
@@ -1030,7 +1027,13 @@ class GmnAgent:
                 else:
                     ops += repoint
             if aside:
-                self._aside.submit(self._txn_aside, ops, f"{rec['tenant']}/{rec['tunnel']} SA {spi:08x}")
+                what = f"{rec['tenant']}/{rec['tunnel']} SA {spi:08x}"
+
+                def failed(f: Future[int]) -> None:
+                    if f.exception() is not None:
+                        log.warning("%s: record not removed (%s); the next full pass removes it", what, f.exception())
+
+                self._commits.submit(ops).add_done_callback(failed)
             elif not steer_first:
                 self._sa_txn(ops)
         if steer_first:
@@ -1043,13 +1046,6 @@ class GmnAgent:
             with self._sa_lock:
                 self._sa_txn(ops)
         log.info("tunnel %s/%s: %s SA %08x removed", rec["tenant"], rec["tunnel"], rec["direction"], spi)
-
-    def _txn_aside(self, ops: list[Any], what: str) -> None:
-        try:
-            with self._sa_lock:
-                self._sa_txn(ops)
-        except ProtegoError as exc:
-            log.warning("%s: record not removed (%s); the next full pass removes it", what, exc)
 
     def _outbound_records(self, tenant: str, tunnel: str, exclude_spi: int | None = None
                           ) -> list[tuple[str, dict[str, Any]]]:
@@ -1285,7 +1281,6 @@ class GmnAgent:
             if not gpn or (gpn in gpns and not gpns[gpn].failed):
                 # on a healthy GPN (again): a later failure must be acted on at once
                 self.state.rekey_asked.pop(tun, None)
-                self.state.rekey_asked_wall.pop(tun, None)
                 continue
             since = now - self.state.rekey_asked.get(tun, -1e9)
             if since < RECOVERY_REASK_S:
@@ -1293,7 +1288,7 @@ class GmnAgent:
             if since < RECOVERY_RETRY_S:
                 if newest is None:
                     newest = self._newest_sa_by_tunnel()
-                if newest.get(tun, 0.0) >= self.state.rekey_asked_wall.get(tun, 0.0):
+                if newest.get(tun, 0.0) >= time.time() - since:  # created since it was asked
                     continue  # an SA of it landed since: the rekey is under way
                 log.warning("tunnel %s/%s: no SA of its recovery rekey landed within %.1f s; asking again",
                             tun[0], tun[1], since)
@@ -1313,7 +1308,6 @@ class GmnAgent:
                 children.setdefault(sa.get("ike", ""), []).append(sa)
             for (tenant, tunnel), gpn in sorted(todo.items()):
                 self.state.rekey_asked[(tenant, tunnel)] = now
-                self.state.rekey_asked_wall[(tenant, tunnel)] = time.time()
                 child = newest_child(children.get(conn_name(tenant, tunnel), []))
                 if child is None:
                     continue
@@ -1331,7 +1325,6 @@ class GmnAgent:
             self._event("gpn-failure-rekey", tenant, tunnel, detail)
         for tun in [t for t, when in self.state.rekey_asked.items() if now - when > 120]:
             del self.state.rekey_asked[tun]
-            self.state.rekey_asked_wall.pop(tun, None)
 
     def _newest_sa_by_tunnel(self) -> dict[tuple[str, str], float]:
         """tunnel -> when its newest SA record was created (a recovery rekey that placed
@@ -1363,7 +1356,6 @@ class GmnAgent:
                 continue  # already being rekeyed off a failed GPN
             self.state.rekeyed[key] = now
             self.state.rekey_asked[tun] = time.monotonic()
-            self.state.rekey_asked_wall[tun] = float("-inf")  # not a recovery: RECOVERY_RETRY_S
             todo[tun] = rec["gpn"]
         for key in [k for k, t in self.state.rekeyed.items() if now - t > 60]:
             del self.state.rekeyed[key]
