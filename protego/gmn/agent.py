@@ -30,8 +30,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from protego.control import acks
 from protego.control.model import PREFIX, Tenant, Tunnel, steer_out_tunnel
-from protego.errors import PeerError, ProtegoError
+from protego.errors import ConfigError, PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
 from protego.lb.model import validate_steer_in, validate_steer_out
@@ -100,6 +101,9 @@ class GmnConfig:
     ha_local: str = "127.0.0.2"  # charon's ha.remote: where this agent receives the stream
     ha_charon: str = "127.0.0.1"  # charon's ha.local
     ha_rt_priority: int = RELAY_RT_PRIORITY  # the relay process's SCHED_RR priority (0: nice -10)
+    # UDP port of the direct acknowledgement channel on fabric_addr (protego/control/acks.py);
+    # None (or no fabric_addr): acknowledgements come through etcd only; 0: any free port
+    ack_port: int | None = acks.DEFAULT_PORT
 
 
 @dataclass
@@ -231,6 +235,10 @@ class GmnAgent:
         self._spi_stash: dict[str, list[tuple[int, int]]] = {}
         self._spi_refilling: set[str] = set()
         self._commits = _GroupCommit(etcd, self._committed)
+        # acknowledgements that came over the fabric (AckReceiver), by the key of the etcd
+        # acknowledgement they precede: {field: revision}; _ack_value takes the higher
+        self._direct_acks: dict[str, dict[str, int]] = {}
+        self._acks: acks.AckReceiver | None = None
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
             on_change=self._on_plugin_event, on_disconnect=self._on_charon_gone,
@@ -247,9 +255,14 @@ class GmnAgent:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "GmnAgent":
+        if self.cfg.fabric_addr and self.cfg.ack_port is not None:
+            try:
+                self._acks = acks.AckReceiver(self.cfg.fabric_addr, self.cfg.ack_port, self._on_direct_ack).start()
+            except OSError as exc:
+                raise ConfigError(f"cannot open the acknowledgement channel on {self.cfg.fabric_addr}:"
+                                  f"{self.cfg.ack_port}: {exc.strerror or exc}") from None
         self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._kick())
-        self.etcd.put_json(f"{PREFIX}gmn/members/{self.cfg.node}",
-                           {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr}, lease=self._lease)
+        self._register_member()
         self._watch = self.etcd.snapshot_and_watch(PREFIX, self.view, resync_interval=self.cfg.resync_interval,
                                                    name="gmn-view")
         self.view.synced.wait(10)
@@ -278,6 +291,8 @@ class GmnAgent:
                 self.ha.deactivate("agent stopping")
             self.ha.stop()
         self.server.stop()
+        if self._acks is not None:
+            self._acks.stop()
         self._commits.stop()  # commits what was submitted (also what charon was not kept waiting for)
         if self._watch is not None:
             self._watch.cancel()
@@ -304,6 +319,25 @@ class GmnAgent:
         self._kick()
         with self._applied:
             self._applied.notify_all()
+
+    def _on_direct_ack(self, kind: str, node: str, fields: dict[str, int]) -> None:
+        """An acknowledgement over the fabric (AckReceiver's thread): kept beside the etcd
+        one it precedes, the higher revision of the two counts (``_ack_value``)."""
+        key = f"{PREFIX}{kind}/applied/{node}"
+        with self._applied:
+            cur = self._direct_acks.setdefault(key, {})
+            for f, v in fields.items():
+                if v > cur.get(f, 0):
+                    cur[f] = v
+            self._applied.notify_all()
+
+    def _ack_value(self, key: str, field_: str) -> int:
+        """The revision ``key``'s acknowledgement has reached in ``field_``: etcd's record
+        or the datagram that came before it, whichever is further."""
+        rec = self.view.get_json(key) or {}
+        direct = self._direct_acks.get(key, {})
+        # a GPN's direct acknowledgement may carry revision alone (a GIN/GEN's always does)
+        return max(int(rec.get(field_, 0) or 0), direct.get(field_, 0))
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -476,9 +510,20 @@ class GmnAgent:
         if self.state.leader:
             self._demote("lease lost")
         self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._kick())
-        self.etcd.put_json(f"{PREFIX}gmn/members/{self.cfg.node}",
-                           {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr}, lease=self._lease)
+        self._register_member()
         log.info("gmn %s: new etcd lease %x", self.cfg.node, self._lease.id)
+
+    def _register_member(self) -> None:
+        """``gmn/members/<node>`` and, with the direct acknowledgement channel, its address
+        and key (``gmn/acks/<node>``, a record of its own: ``protego status`` shows members),
+        in one transaction under our lease."""
+        assert self._lease is not None
+        ops = [PutOp(f"{PREFIX}gmn/members/{self.cfg.node}",
+                     encode_json({"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr}), lease=self._lease.id)]
+        if self._acks is not None:
+            ops.append(PutOp(f"{acks.ACKS_PREFIX}{self.cfg.node}", encode_json(self._acks.record()),
+                             lease=self._lease.id))
+        self.etcd.txn([], ops, [])
 
     def _elect(self) -> None:
         assert self._lease is not None
@@ -895,12 +940,17 @@ class GmnAgent:
         try:
             if steer is not None:
                 self._wait_applied(gpn, revision, what, sas_only=True)
+                self._catch_up()
+                commit: Future[int] | None = None
                 with self._sa_lock:
                     if self.state.steer_pending.get((tenant, tunnel)) == spi:
-                        self.state.steer_pending.pop((tenant, tunnel), None)
-                        revision = self._switch_steering(tenant, tunnel, spi, *steer)
-                    else:
-                        revision = 0  # a newer SA of the tunnel took over meanwhile
+                        commit = self._switch_steering(tenant, tunnel, spi, *steer)
+                # waited for without the lock: charon's DELETE of the old outbound SA, on
+                # its way to the peer's switch, takes the lock meanwhile. The switch stays
+                # pending until the end (finally): that DELETE's del_sa then leaves the
+                # steering to this switch and removes the old record aside, instead of
+                # moving the steering itself and waiting for the GIN/GEN
+                revision = commit.result() if commit is not None else 0  # 0: not written
                 if revision:
                     # a change of steering alone: the GIN/GEN's acknowledgement (the GPN
                     # routes to its newest outbound SA of the tunnel already, and it
@@ -920,14 +970,15 @@ class GmnAgent:
             self.state.acking_out.discard((tenant, tunnel))
             self._kick()
 
-    def _switch_steering(self, tenant: str, tunnel: str, spi: int, key: str, steer: dict[str, Any]) -> int:
-        """Steer the tunnel's outbound traffic to its new SA (``_await_switch``), if that
-        SA's record is still there; the transaction's revision, 0 if it was not written."""
-        self._catch_up()
+    def _switch_steering(self, tenant: str, tunnel: str, spi: int, key: str,
+                         steer: dict[str, Any]) -> Future[int] | None:
+        """Steer the tunnel's outbound traffic to its new SA (``_await_switch``, under the SA
+        lock, our view caught up), if that SA's record is still there: the transaction,
+        submitted (None if there is nothing to write)."""
         if self._find_record(spi, None) is None:
             log.info("tunnel %s/%s: outbound SA %08x went before its switch; steering left", tenant, tunnel, spi)
-            return 0
-        return self._sa_txn([PutOp(key, encode_json(steer))])
+            return None
+        return self._commits.submit([PutOp(key, encode_json(steer))])
 
     def _wait_applied(self, gpn: str, revision: int, what: str, sas_only: bool = False,
                       lb_only: bool = False) -> None:
@@ -944,7 +995,7 @@ class GmnAgent:
                     keys = [k for k in keys if k.startswith(f"{PREFIX}gpn/applied/")]
                 elif lb_only:
                     keys = [k for k in keys if k.startswith(f"{PREFIX}lb/applied/")]
-                pending = [k for k in keys if (self.view.get_json(k) or {}).get(field_, 0) < revision]
+                pending = [k for k in keys if self._ack_value(k, field_) < revision]
                 if not pending:
                     log.debug("%s: data path ready after %.1f ms", what, (time.monotonic() - t0) * 1000)
                     return

@@ -25,6 +25,9 @@ def gmn() -> None:
 @click.option("--vici", "vici_socket", required=True, help="Path of charon's VICI socket.")
 @click.option("--plugin-socket", required=True, help="Path of the kernel-protego plugin socket to serve.")
 @click.option("--fabric-addr", default="", help="This GMN's fabric address (where the GIN steers IKE).")
+@click.option("--ack-port", type=click.IntRange(0, 65535), default=7472, show_default=True,
+              help="UDP port on the fabric address where GPNs and GIN/GENs acknowledge applied changes "
+                   "directly (docs/migration.md); 0: through etcd only.")
 @click.option("--lease-ttl", type=click.IntRange(2, 60), default=5, show_default=True,
               help="Seconds of the etcd lease behind the leadership: a GMN cut off from etcd is replaced "
                    "after this (it makes its own IKE SAs passive after half of it).")
@@ -39,7 +42,7 @@ def gmn() -> None:
               help="SCHED_RR priority of the HA relay process (replication latency is a target); "
                    "0: the normal class at nice -10.")
 @click.pass_context
-def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str,
+def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str, ack_port: int,
         lease_ttl: int, resync_interval: float, no_vips: bool, no_ha: bool, ha_listen: str, ha_charon: str,
         ha_rt_priority: int) -> None:
     """Run the GMN agent until SIGTERM/SIGINT."""
@@ -55,7 +58,8 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
         cfg = GmnConfig(node=node, etcd=obj.etcd_endpoints(), vici_socket=vici_socket,
                         plugin_socket=plugin_socket, fabric_addr=fabric_addr, lease_ttl=lease_ttl,
                         resync_interval=resync_interval, manage_vips=not no_vips, ha=not no_ha,
-                        ha_local=ha_listen, ha_charon=ha_charon, ha_rt_priority=ha_rt_priority)
+                        ha_local=ha_listen, ha_charon=ha_charon, ha_rt_priority=ha_rt_priority,
+                        ack_port=ack_port or None)
         agent = GmnAgent(cfg, obj.etcd()).start()
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None

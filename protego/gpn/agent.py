@@ -45,10 +45,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from protego.control.acks import AckSender
 from protego.control.model import PREFIX, steer_out_tunnel
 from protego.errors import ConfigError, DataplaneError, ProtegoError
 from protego.store.etcd import Etcd, Lease, PutOp, encode_json, key_present
 from protego.store.view import PrefixView
+from protego.store.writer import LatestWriter
 
 from .engine import Engine, EngineConfig
 from .records import GpnSa, parse_sa_record
@@ -79,6 +81,7 @@ class GpnConfig:
     manage_vips: bool = True
     raw_esp: bool = True
     worker_cpus: tuple[int, ...] = ()  # the workers' CPUs (empty: the agent's)
+    direct_acks: bool = True  # also tell the GMNs over the fabric (protego/control/acks.py)
 
 
 def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> str:
@@ -203,6 +206,9 @@ class GpnAgent:
         self._stats_sent_ts: dict[str, float] = {}
         self.last_stats: Any = None
         self.steer_view = PrefixView(on_change=self._kick)
+        self.acks: AckSender | None = None
+        self._ack_writer: LatestWriter[tuple[int, int, float, Lease]] = LatestWriter(
+            "gpn-ack-writer", self._write_ack, self._ack_failed)
         self._cpu = _Cpu()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -245,6 +251,8 @@ class GpnAgent:
         ]
         self._watches.append(self.etcd.snapshot_and_watch(
             f"{PREFIX}steer/", self.steer_view, resync_interval=self.cfg.resync_interval, name="gpn-steer"))
+        if self.cfg.direct_acks:
+            self.acks = AckSender("gpn", self.cfg.node).watch(self.etcd, resync_interval=self.cfg.resync_interval)
         self.sas_view.synced.wait(10)
 
     def _register(self) -> None:
@@ -267,8 +275,11 @@ class GpnAgent:
         self._wake.set()
         if self._thread:
             self._thread.join(10)
+        self._ack_writer.stop()
         for w in self._watches:
             w.cancel()
+        if self.acks is not None:
+            self.acks.close()
         if self._lease is not None:
             try:
                 self._lease.revoke()
@@ -455,9 +466,24 @@ class GpnAgent:
             return
         # sas_revision alone: the SAs are installed (what an SA the GMN does not steer to
         # yet needs); revision: SAs and egress steering both applied
-        self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}",
-                           {"revision": revision, "sas_revision": sas_rev, "ts": time.time()}, lease=self._lease)
+        if self.acks is not None:  # the GMNs hear it at once; etcd's record follows (acks.py)
+            self.acks.send(revision, sas_rev)
+        # written aside (LatestWriter): the next pass, often a migration's outbound SA right
+        # behind its inbound one, does not wait for this etcd round trip
+        self._ack_writer.submit((revision, sas_rev, time.time(), self._lease))
         self._acked, self._acked_state = (revision, sas_rev), state
+
+    def _write_ack(self, item: tuple[int, int, float, Lease]) -> None:
+        revision, sas_rev, ts, lease = item
+        assert self.etcd is not None
+        self.etcd.put_json(f"{PREFIX}gpn/applied/{self.cfg.node}",
+                           {"revision": revision, "sas_revision": sas_rev, "ts": ts}, lease=lease)
+
+    def _ack_failed(self, item: tuple[int, int, float, Lease], exc: Exception) -> None:
+        """The next pass acknowledges again (a lost lease: after registering again)."""
+        log.warning("could not write the acknowledgement of revision %d: %s; writing it again", item[0], exc)
+        self._acked, self._acked_state = (0, 0), None
+        self._kick()
 
     def _apply_vips(self, want: set[str]) -> None:
         from pyroute2 import IPRoute

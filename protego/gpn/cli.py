@@ -44,6 +44,10 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
     from protego.gpn.engine import parse_cpu_list
 
     obj = ctx.find_object(CliContext) or CliContext()
+    # the agent's loop shares the GIL with its etcd watch, lease and writer threads: with the
+    # default 5 ms slices, a pass that installs a migration's SA waited out several of them
+    # (passes of 10-30 ms on an idle testbed, measured); the workers are processes of their own
+    sys.setswitchinterval(0.0005)
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -25,11 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protego.control.acks import AckSender
 from protego.errors import ProtegoError
 from protego.lb import heartbeat as hb
 from protego.lb import model, policy, ruleset
 from protego.lb.nft import NftAdapter
 from protego.lb.routes import RouteAdapter
+from protego.store.writer import LatestWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class LbConfig:
     hb_rt_priority: int = 0  # SCHED_FIFO priority of the heartbeat thread (0: normal)
     cleanup_on_exit: bool = False
     status_file: str | None = None  # JSON written every second: reconcile + heartbeat stats
+    direct_acks: bool = True  # also tell the GMNs over the fabric (protego/control/acks.py)
 
 
 class View:
@@ -188,6 +191,9 @@ class LbAgent:
         self._clock = clock
         self._watches: list[Any] = []
         self._acked = 0
+        self.acks: AckSender | None = None
+        self._ack_writer: LatestWriter[tuple[int, float]] = LatestWriter("lb-ack-writer", self._write_ack,
+                                                                         self._ack_failed)
         self._health_q: queue.SimpleQueue[hb.Transition | None] = queue.SimpleQueue()
         self.monitor: hb.HeartbeatMonitor | None = None
 
@@ -225,6 +231,8 @@ class LbAgent:
         for sub in WATCHED:
             self._watches.append(self.store.snapshot_and_watch(
                 model.PREFIX + sub, self.view.handler(sub), name=f"lb:{sub}"))
+        if self.cfg.direct_acks:
+            self.acks = AckSender("lb", self.cfg.node).watch(self.store)
         writer = threading.Thread(target=self._health_writer, name="health-writer", daemon=True)
         writer.start()
         if self.cfg.heartbeat:
@@ -280,12 +288,20 @@ class LbAgent:
         (``lb/applied/<node>``); the GMN waits for it before charon uses a new SA."""
         if revision <= self._acked:
             return
-        try:
-            self.store.put(f"{model.PREFIX}lb/applied/{self.cfg.node}",
-                           encode({"revision": revision, "ts": self._clock()}))
-            self._acked = revision
-        except ProtegoError as exc:
-            log.warning("could not acknowledge revision %d: %s", revision, exc)
+        if self.acks is not None:  # the GMNs hear it at once; etcd's record follows (acks.py)
+            self.acks.send(revision)
+        # written aside (LatestWriter): the next reconcile does not wait for this round trip
+        self._ack_writer.submit((revision, self._clock()))
+        self._acked = revision
+
+    def _write_ack(self, item: tuple[int, float]) -> None:
+        self.store.put(f"{model.PREFIX}lb/applied/{self.cfg.node}", encode({"revision": item[0], "ts": item[1]}))
+
+    def _ack_failed(self, item: tuple[int, float], exc: Exception) -> None:
+        """Acknowledged again at the next reconcile (woken now)."""
+        log.warning("could not acknowledge revision %d: %s", item[0], exc)
+        self._acked = 0
+        self.view.changed.set()
 
     def status(self) -> dict[str, Any]:
         return {"time": self._clock(), "node": self.cfg.node, "roles": sorted(self.cfg.roles),
@@ -305,9 +321,13 @@ class LbAgent:
             log.warning("cannot write status file %s: %s", self.cfg.status_file, exc)
 
     def close(self) -> None:
+        self._ack_writer.flush(2.0)
         for w in self._watches:
             w.cancel()
         self._watches = []
+        if self.acks is not None:
+            self.acks.close()
+            self.acks = None
         if self.monitor is not None:
             self.monitor.stop()
             self.monitor = None

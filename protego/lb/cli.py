@@ -103,6 +103,9 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
     if resync <= 0:
         raise ConfigError("--resync must be > 0")
     etcd_endpoints = etcd_endpoints or _default_endpoints()
+    # the reconcile loop shares the GIL with the etcd watch, heartbeat and writer threads:
+    # short slices, so an acknowledgement on a migration's path does not wait out 5 ms ones
+    sys.setswitchinterval(0.0005)
     kwargs: dict[str, Any] = {}
     if node:
         kwargs["node"] = node

@@ -310,6 +310,7 @@ def test_gmn_agent_unit(host: str) -> None:
     assert cp.get("Service", "EnvironmentFile") == "-/etc/protego/etcd-client.env"
     assert cp.get("Service", "RuntimeDirectory") == "protego/gmn"
     assert cp.get("Install", "WantedBy") == "multi-user.target"
+    assert params["ack_port"] == 7472  # where GPNs and GIN/GENs acknowledge directly
     # the sockets the agent serves are the ones charon's strongswan.conf names
     conf = render("protego_gmn", "strongswan.conf.j2", host)
     assert f"socket = {params['plugin_socket']}" in conf
@@ -319,7 +320,7 @@ def test_gmn_agent_unit(host: str) -> None:
 def test_gmn_agent_unit_options() -> None:
     cp = unit(render("protego_gmn", "protego-gmn-agent.service.j2", "gmn2", protego_gmn_manage_vips=False,
                      protego_log_level=2, protego_gmn_lease_ttl=7, protego_gmn_extra_args=["--resync", "60"],
-                     protego_gmn_ha_rt_priority=0))
+                     protego_gmn_ha_rt_priority=0, protego_gmn_ack_port=0))
     argv = _exec_argv(cp)
     assert argv[1:3] == ["-v", "-v"]
     top, _, params = _parse_cli(_split_protego(argv))
@@ -328,6 +329,7 @@ def test_gmn_agent_unit_options() -> None:
     assert params["lease_ttl"] == 7
     assert params["resync_interval"] == 60.0
     assert params["ha_rt_priority"] == 0
+    assert params["ack_port"] == 0  # the direct acknowledgement channel off
 
 
 @pytest.mark.parametrize("host", GROUPS["gmn"])

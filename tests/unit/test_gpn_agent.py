@@ -338,6 +338,12 @@ class AckEtcd:
         return 0
 
 
+def settled(a: GpnAgent) -> None:
+    """One pass, and its acknowledgement written (the agent writes it aside)."""
+    a.reconcile()
+    assert a._ack_writer.flush(2.0)
+
+
 def test_passes_that_change_nothing_of_this_gpn_write_no_acknowledgement() -> None:
     """The GMN waits for a GPN only on transactions that change that GPN's SA records:
     another GPN's SA or steering costs no write here, a pass that changes one of ours
@@ -347,37 +353,37 @@ def test_passes_that_change_nothing_of_this_gpn_write_no_acknowledgement() -> No
     a.steer_view.on_snapshot(100, [])
     etcd = AckEtcd()
     a.etcd, a._lease = etcd, object()  # type: ignore[assignment]
-    a.reconcile()
+    settled(a)
     assert etcd.acks == [(100, 100)]
     # another GPN's inbound SA and its steering (one transaction, 101): nothing here
     other = KV(f"{PREFIX}sas/203.0.113.11/00003001", json.dumps(rec(0x3001, "in", gpn="gpn2")).encode(),
                101, 101, 1)
     a.sas_view.on_events([Event(EventType.PUT, other)])
-    a.reconcile()
+    settled(a)
     a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00003001", b"{}",
                                                      101, 101, 1))])
-    a.reconcile()
+    settled(a)
     assert etcd.acks == [(100, 100)]
     # our own inbound SA (102), its SA view first: acknowledged at once (sas_revision),
     # then again when the steering view reaches 102 too
     ours = KV(f"{PREFIX}sas/203.0.113.11/00001002", json.dumps(rec(0x1002, "in")).encode(), 102, 102, 1)
     a.sas_view.on_events([Event(EventType.PUT, ours)])
-    a.reconcile()
+    settled(a)
     assert etcd.acks[-1] == (101, 102)
     a.steer_view.on_events([Event(EventType.PUT, KV(f"{PREFIX}steer/in/203.0.113.11/00001002", b"{}",
                                                      102, 102, 1))])
-    a.reconcile()
+    settled(a)
     assert etcd.acks[-1] == (102, 102) and len(etcd.acks) == 3
     a.reconcile()  # level-triggered: nothing new
     assert len(etcd.acks) == 3
     # the other GPN's SA goes (103): nothing here; ours goes (104): acknowledged
     a.sas_view.on_events([Event(EventType.DELETE, KV(other.key, b"", 0, 103, 0))])
-    a.reconcile()
+    settled(a)
     assert len(etcd.acks) == 3
     a.sas_view.on_events([Event(EventType.DELETE, KV(ours.key, b"", 0, 104, 0))])
-    a.reconcile()
+    settled(a)
     assert etcd.acks[-1] == (102, 104) and len(etcd.acks) == 4
     # a new registration (the lease, and the acknowledgement with it, went): written again
     a._register()
-    a.reconcile()
+    settled(a)
     assert etcd.acks[-1] == (102, 104) and len(etcd.acks) == 5

@@ -147,3 +147,58 @@ def test_incremental_reconcile_trusts_its_cache_until_a_full_one() -> None:
     assert nft.calls == []  # nothing to do
     rec.reconcile(moved, full=True)
     assert nft.calls[0] == ("read", "protego_gin")
+
+
+class AckStore:
+    """Records the GIN/GEN's acknowledgements (``lb/applied/<node>``); fails on demand."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.puts: list[tuple[str, bytes]] = []
+        self.fail = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, key: str, value: bytes) -> None:
+        assert self.gate.wait(5)
+        if self.fail:
+            self.fail -= 1
+            from protego.errors import ProtegoError
+
+            raise ProtegoError("etcd unreachable")
+        self.puts.append((key, value))
+
+
+def test_acknowledgements_are_written_aside_and_again_after_a_failure() -> None:
+    """The reconcile loop does not wait for the etcd write of its acknowledgement; one
+    that failed is written again at the next pass, which the failure wakes."""
+    import json
+    import time
+
+    from protego.lb.agent import LbAgent
+
+    store = AckStore()
+    agent = LbAgent(LbConfig(node="lb1", heartbeat=False), store, FakeNft(), FakeRoutes(set()))  # type: ignore[arg-type]
+    try:
+        store.gate.clear()  # etcd slow: the first write hangs
+        t0 = time.monotonic()
+        agent._ack(10)
+        agent._ack(11)
+        agent._ack(11)  # nothing new
+        assert time.monotonic() - t0 < 0.5
+        store.gate.set()
+        assert agent._ack_writer.flush(5)
+        revs = [json.loads(v)["revision"] for k, v in store.puts]
+        assert {k for k, _v in store.puts} == {f"{P}lb/applied/lb1"}
+        assert revs[-1] == 11 and revs == sorted(revs) and len(revs) <= 2
+        agent.view.changed.clear()
+        store.fail = 1
+        agent._ack(12)
+        assert agent._ack_writer.flush(5)
+        assert agent.view.changed.is_set() and agent._acked == 0  # woken, to write it again
+        agent._ack(12)
+        assert agent._ack_writer.flush(5)
+        assert json.loads(store.puts[-1][1])["revision"] == 12
+    finally:
+        agent._ack_writer.stop()
