@@ -238,6 +238,9 @@ class GmnAgent:
         # acknowledgements that came over the fabric (AckReceiver), by the key of the etcd
         # acknowledgement they precede: {field: revision}; _ack_value takes the higher
         self._direct_acks: dict[str, dict[str, int]] = {}
+        # outbound SA records whose deletion was submitted without waiting (_del_sa):
+        # gone for every decision, though our view may hold them until it commits
+        self._deleting: set[str] = set()
         self._acks: acks.AckReceiver | None = None
         self.server = PluginServer(
             cfg.plugin_socket, spi_allocator=self._allocate_spi, counters=self._counters,
@@ -1042,9 +1045,15 @@ class GmnAgent:
                     return
                 self._applied.wait(min(left, 0.05))
 
+    def _prune_deleting(self) -> None:
+        """Forget the deletions submitted aside that our view now reflects (or that a full
+        pass made since, should the submitted one have failed)."""
+        self._deleting = {k for k in self._deleting if self.view.get(k) is not None}
+
     def _del_sa(self, spi: int, dst: str | None) -> None:
         self._catch_up()
         with self._sa_lock:
+            self._prune_deleting()
             found = self._find_record(spi, dst)
             if found is None:
                 # perhaps not yet mirrored: look it up in etcd itself
@@ -1077,6 +1086,12 @@ class GmnAgent:
                     steer_first = repoint  # the tunnel's outbound traffic moves to another GPN
                 else:
                     ops += repoint
+                    # an outbound SA, the steering (if any) staying on its GPN: charon's next
+                    # step is the DELETE of the old CHILD_SA, which nothing here needs to
+                    # precede. Waiting for this commit put an etcd round trip under the SA
+                    # lock on every rekey's path to the peer: in a recovery, del_sa took
+                    # 21.5 ms (median of 30 trials) with three tunnels' deletions in a row
+                    aside = True
             if aside:
                 what = f"{rec['tenant']}/{rec['tunnel']} SA {spi:08x}"
 
@@ -1084,6 +1099,8 @@ class GmnAgent:
                     if f.exception() is not None:
                         log.warning("%s: record not removed (%s); the next full pass removes it", what, f.exception())
 
+                if rec["direction"] == "out":
+                    self._deleting.add(key)  # until our view no longer holds it (_prune_deleting)
                 self._commits.submit(ops).add_done_callback(failed)
             elif not steer_first:
                 self._sa_txn(ops)
@@ -1103,7 +1120,7 @@ class GmnAgent:
         hexspi = spi_hex(exclude_spi) if exclude_spi is not None else None
         return [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
                 if r.get("tenant") == tenant and r.get("tunnel") == tunnel and r.get("direction") == "out"
-                and r.get("spi") != hexspi]
+                and r.get("spi") != hexspi and k not in self._deleting]
 
     def _switch_deferred(self) -> None:
         """Outbound switches deferred for a peer's rekey that the peer never completed
@@ -1155,7 +1172,8 @@ class GmnAgent:
         if not force and cur.get("spi") not in (None, rec["spi"]):
             return []
         others = [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
-                  if k != exclude and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]
+                  if k != exclude and k not in self._deleting
+                  and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]
         if not others:
             return [DeleteOp(steer_out_key(t, tun))]
         _k, newest = max(others, key=lambda kr: kr[1].get("created", 0))

@@ -156,6 +156,7 @@ def _catch_up_agent(apply_timeout: float):  # type: ignore[no-untyped-def]
     a._wake = threading.Event()
     a.cfg = SimpleNamespace(apply_timeout=apply_timeout)
     a._own_rev = 0
+    a._deleting = set()
     return a
 
 
@@ -341,3 +342,61 @@ def test_record_reconciliation_leaves_sas_that_charon_s_own_call_is_placing() ->
     a._del_sa = lambda spi, dst: deleted.append(spi)  # type: ignore[method-assign]
     a._reconcile_records()
     assert added == [0xC0000003] and deleted == [0xC0000009]
+
+
+def test_outbound_deletions_do_not_wait_for_etcd_and_count_as_done_at_once() -> None:
+    """charon's del_sa of an outbound SA (its next step: the DELETE to the peer) returns
+    without waiting for the transaction; until our view reflects that deletion, the SA
+    counts as gone for the next decisions: the tunnel's last outbound SA going removes
+    the steering instead of pointing it at the one whose deletion is still in flight."""
+    import json
+    import threading
+    from concurrent.futures import Future
+
+    from protego.control.model import PREFIX, tenant_key, tunnel_key
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV, DeleteOp, PutOp
+
+    a = _catch_up_agent(1.0)
+    a._sa_lock = threading.Lock()
+    a.state = _State()
+    submitted: list[tuple[list[object], Future[int]]] = []
+
+    class HeldCommits:  # etcd that has not answered yet
+        def submit(self, ops: list[object]) -> Future[int]:
+            fut: Future[int] = Future()
+            submitted.append((ops, fut))
+            return fut
+
+    a._commits = HeldCommits()  # type: ignore[assignment]
+    a._sa_txn = lambda ops: (_ for _ in ()).throw(AssertionError("waited for etcd"))  # type: ignore[method-assign]
+
+    def sa(spi: str, created: float) -> tuple[str, dict[str, object]]:
+        return (f"{PREFIX}sas/203.0.113.11/{spi}", {"tenant": "acme", "tunnel": "hq", "spi": spi, "gpn": "gpn1",
+                                                   "direction": "out", "created": created, "reqid": 1,
+                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"})
+
+    records = [sa("c0000002", 100.0), sa("c0000003", 200.0)]
+    kvs = [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
+           KV(tunnel_key("acme", "hq"), json.dumps(HQ.to_json()).encode(), 1, 1, 1),
+           KV(f"{PREFIX}steer/out/acme/hq", json.dumps({"gpn": "gpn1", "spi": "c0000003"}).encode(), 3, 3, 1)]
+    kvs += [KV(k, json.dumps(r).encode(), 2, 2, 1) for k, r in records]
+    a.view.on_snapshot(10, kvs)
+    # the older SA goes (the steering names the newer one): its record only, aside
+    a._del_sa(0xC0000002, None)
+    assert len(submitted) == 1
+    assert [type(op) for op in submitted[0][0]] == [DeleteOp, DeleteOp]
+    assert records[0][0] in a._deleting
+    # before etcd answered (our view still holds c0000002), the tunnel's last SA goes:
+    # the steering is removed, not pointed at c0000002
+    a._del_sa(0xC0000003, None)
+    assert len(submitted) == 2
+    ops = submitted[1][0]
+    assert not any(isinstance(op, PutOp) for op in ops)
+    assert f"{PREFIX}steer/out/acme/hq" in [op.key for op in ops if isinstance(op, DeleteOp)]  # type: ignore[attr-defined]
+    # etcd answers, our view reflects both deletions: nothing is left marked
+    for _ops, fut in submitted:
+        fut.set_result(11)
+    a.view.on_snapshot(11, kvs[:2])
+    a._prune_deleting()
+    assert a._deleting == set()
