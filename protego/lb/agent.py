@@ -321,7 +321,7 @@ class LbAgent:
             log.warning("cannot write status file %s: %s", self.cfg.status_file, exc)
 
     def close(self) -> None:
-        self._ack_writer.flush(2.0)
+        self._ack_writer.stop()  # writes the last acknowledgement first
         for w in self._watches:
             w.cancel()
         self._watches = []

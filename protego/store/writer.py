@@ -38,14 +38,16 @@ class LatestWriter(Generic[T]):
         self._pending: object = _NOTHING
         self._busy = False
         self._stopped = False
+        # started by the first submit: an agent that never writes holds no thread
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
     def submit(self, item: T) -> None:
         with self._cond:
             if self._stopped:
                 raise RuntimeError("LatestWriter is stopped")
             self._pending = item
+            if self._thread.ident is None:
+                self._thread.start()
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -58,7 +60,9 @@ class LatestWriter(Generic[T]):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+            started = self._thread.ident is not None
+        if started:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
