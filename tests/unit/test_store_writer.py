@@ -9,17 +9,24 @@ import time
 from protego.store.writer import LatestWriter
 
 
-def test_items_submitted_during_a_write_collapse_into_the_newest() -> None:
-    gate, started = threading.Event(), threading.Event()
-    written: list[int] = []
+class Gated:
+    """A write that holds item 1 until ``gate`` opens (``started`` says it is being written)."""
 
-    def write(item: int) -> None:
+    def __init__(self) -> None:
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.written: list[int] = []
+
+    def __call__(self, item: int) -> None:
         if item == 1:
-            started.set()
-            assert gate.wait(5)
-        written.append(item)
+            self.started.set()
+            assert self.gate.wait(5)
+        self.written.append(item)
 
-    w: LatestWriter[int] = LatestWriter("test-writer", write)
+
+def test_items_submitted_during_a_write_collapse_into_the_newest() -> None:
+    g = Gated()
+    gate, started, written = g.gate, g.started, g.written
+    w: LatestWriter[int] = LatestWriter("test-writer", g)
     try:
         t0 = time.monotonic()
         w.submit(1)
@@ -58,16 +65,9 @@ def test_a_failed_write_goes_to_the_owner_and_the_writer_goes_on() -> None:
 
 
 def test_stop_writes_what_is_pending_and_refuses_more() -> None:
-    gate, started = threading.Event(), threading.Event()
-    written: list[int] = []
-
-    def write(item: int) -> None:
-        if item == 1:
-            started.set()
-            gate.wait(5)
-        written.append(item)
-
-    w: LatestWriter[int] = LatestWriter("test-writer", write)
+    g = Gated()
+    gate, started, written = g.gate, g.started, g.written
+    w: LatestWriter[int] = LatestWriter("test-writer", g)
     w.submit(1)
     assert started.wait(5)
     w.submit(2)
