@@ -121,14 +121,27 @@ def serve(bind: str, port: int, dscp: int, watch_tags: bool, rt_priority: int = 
                 if s is sock:
                     reply = r.on_datagram(data, src, now)
                     if reply is not None:
-                        sock.sendto(reply, src)
+                        send_answer(sock, reply, src)
                 else:
                     tag = classify_raw(data, dscp)
                     if tag is not None:
                         for msg, dst in r.on_tagged(tag, now):
-                            sock.sendto(msg, dst)
+                            send_answer(sock, msg, dst)
     for s in socks:
         s.close()
+
+
+def send_answer(sock: socket.socket, msg: bytes, dst: tuple[str, int]) -> bool:
+    """Send one answer; False if the network refused it. A link that went down between a
+    probe and its answer fails the send with ENETUNREACH: that answer is lost (the lb
+    counts a miss, as it should), the responder is not (it died of it once, and its GPN
+    stayed dead for the lb after the link came back: an integration test failed on it)."""
+    try:
+        sock.sendto(msg, dst)
+    except OSError as exc:
+        log.debug("heartbeat answer to %s:%d not sent: %s", dst[0], dst[1], exc)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

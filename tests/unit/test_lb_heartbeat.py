@@ -244,3 +244,27 @@ def test_a_busy_gpn_whose_engine_dies_is_refused_within_a_round_when_probed_busy
                 dead_after = k
         now += I
     assert dead_after == rounds_to_dead
+
+
+def test_an_answer_the_network_refuses_does_not_stop_the_responder() -> None:
+    """A link going down between a probe and its answer makes sendto fail (ENETUNREACH):
+    the answer is dropped and the responder goes on (it used to die of it)."""
+    import errno
+
+    from protego.lb.heartbeat_responder import send_answer
+
+    class DownLink:
+        sent: list[tuple[bytes, tuple[str, int]]] = []
+
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def sendto(self, msg: bytes, dst: tuple[str, int]) -> int:
+            if self.fail:
+                raise OSError(errno.ENETUNREACH, "Network is unreachable")
+            self.sent.append((msg, dst))
+            return len(msg)
+
+    assert send_answer(DownLink(True), b"answer", ("192.0.2.1", 7471)) is False  # type: ignore[arg-type]
+    assert send_answer(DownLink(False), b"answer", ("192.0.2.1", 7471)) is True  # type: ignore[arg-type]
+    assert DownLink.sent == [(b"answer", ("192.0.2.1", 7471))]
