@@ -10,10 +10,15 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# Everything the project runs, at run time and in tests (tests/integration/
+# test_setup_packages.py checks every charon plugin and program against this list).
+# libstrongswan-standard-plugins: the openssl plugin every charon loads.
+# systemd: systemd-analyze verifies the Ansible roles' units.
 APT_PACKAGES=(
-    strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins
+    strongswan-charon strongswan-swanctl libstrongswan-standard-plugins
+    libcharon-extra-plugins libstrongswan-extra-plugins
     nftables python3-nftables etcd-server etcd-client iperf3 iproute2 iputils-ping procps
-    python3-venv python3-dev gcc make dpkg-dev strace tcpdump
+    python3-venv python3-dev gcc make dpkg-dev strace tcpdump systemd
 )
 
 missing=()

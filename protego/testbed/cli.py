@@ -16,6 +16,10 @@ from protego.testbed.state import list_testbeds
 from protego.testbed.topology import load_topology
 
 
+KEEP_HELP = ("If `up` fails, leave the failed testbed running for inspection (phase 'failed'; "
+             "`protego testbed down` removes it) instead of rolling it back.")
+
+
 def _progress(msg: str) -> None:
     click.echo(f"[testbed] {msg}", err=True)
 
@@ -42,12 +46,14 @@ def testbed() -> None:
               help="protego: Protego's roles; baseline: one strongSwan gateway per tenant.")
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
               help="Seconds to wait for every site's tunnel (baseline mode).")
-def up(topology_file: str | None, name: str, mode: str, wait_s: float) -> None:
+@click.option("--keep-on-failure", is_flag=True, help=KEEP_HELP)
+def up(topology_file: str | None, name: str, mode: str, wait_s: float, keep_on_failure: bool) -> None:
     """Create the testbed: namespaces, links, etcd, strongSwan sites and gateways."""
     _need_root()
     try:
         topo = load_topology(topology_file)
-        tb = tbmod.up(topo, name=name, mode=mode, progress=_progress, wait_tunnels=wait_s)  # type: ignore[arg-type]
+        tb = tbmod.up(topo, name=name, mode=mode, progress=_progress, wait_tunnels=wait_s,  # type: ignore[arg-type]
+                      keep_on_failure=keep_on_failure)
     except ProtegoError as exc:
         _fail(exc)
         return
@@ -145,31 +151,23 @@ def exec_(name: str, node: str, cmd: tuple[str, ...]) -> None:
               help="Which system carries the tunnels: Protego, or the baseline (a gateway per tenant).")
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="iperf3 duration per direction.")
 @click.option("--json", "as_json", is_flag=True)
-def demo(name: str, mode: str, seconds: float, as_json: bool) -> None:
+@click.option("--keep-on-failure", is_flag=True, help=KEEP_HELP)
+def demo(name: str, mode: str, seconds: float, as_json: bool, keep_on_failure: bool) -> None:
     """Bring the default testbed up if needed, send traffic over every tunnel, print a table."""
     _need_root()
-    from protego.testbed.demo import run_demo
+    from protego.testbed.demo import format_table, row_failed, run_demo
 
     try:
-        rows = run_demo(name, mode, seconds, _progress)  # type: ignore[arg-type]
+        rows = run_demo(name, mode, seconds, _progress, keep_on_failure)  # type: ignore[arg-type]
     except ProtegoError as exc:
         _fail(exc)
         return
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        hdr = (f"{'TENANT':<9} {'SITE':<11} {'GATEWAY':<14} {'SPI IN/OUT':<19} {'SITE->TEN':>10} "
-               f"{'TEN->SITE':>10} {'RTT ms':>7} {'LOST':>5} {'ISOLATED':>8}")
-        click.echo(hdr)
-        for r in rows:
-            click.echo(
-                f"{r['tenant']:<9} {r['site']:<11} {r['gateway']:<14} {r['spi_in'] + '/' + r['spi_out']:<19} "
-                f"{r['site_to_tenant_mbps']:>7.0f} Mb {r['tenant_to_site_mbps']:>7.0f} Mb "
-                f"{r['rtt_ms'] if r['rtt_ms'] is not None else float('nan'):>7.2f} {r['lost']:>5} "
-                f"{'yes' if r['isolated'] else 'NO':>8}"
-            )
+        click.echo(format_table(rows))
     click.echo(f"\nThe testbed stays up. Look around: protego testbed status --name {name}; "
                f"protego testbed exec {name} s-<site> -- swanctl --list-sas", err=True)
     click.echo(f"Take it down: protego testbed down --name {name}", err=True)
-    if any(r["lost"] or not r["isolated"] for r in rows):
+    if any(row_failed(r) for r in rows):
         sys.exit(1)

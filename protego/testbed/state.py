@@ -17,6 +17,8 @@ from typing import Any
 from protego.errors import TestbedError
 
 STATE_ROOT = Path(os.environ.get("PROTEGO_TESTBED_ROOT", "/var/lib/protego/testbeds"))
+# the logs of a testbed whose ``up`` failed and was rolled back: <name>-<time>/
+FAILED_ROOT = STATE_ROOT.parent / "failed"
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 
 from protego.errors import PeerError, ProtegoError, TestbedError
 from protego.store.server import EtcdCluster
-from protego.testbed import netns, procs
+from protego.testbed import netns, preflight, procs
 from protego.testbed.plan import MGMT_SUPERNET, Mode, Plan, build_plan, mgmt_subnet
-from protego.testbed.state import STATE_ROOT, TestbedState, list_testbeds, used_mgmt_indices
+from protego.testbed.state import FAILED_ROOT, STATE_ROOT, TestbedState, list_testbeds, used_mgmt_indices
 from protego.testbed.strongswan import (
     CharonFiles,
     baseline_swanctl_conf,
@@ -208,13 +208,19 @@ def up(
     mode: Mode = "protego",
     progress: Progress = _quiet,
     wait_tunnels: float = 60.0,
+    keep_on_failure: bool = False,
 ) -> Testbed:
+    """Create testbed ``name``. A failure half-way rolls everything back, keeps the logs
+    in ``FAILED_ROOT/<name>-<time>/`` (named in the error) and shows the last lines of
+    every process that died; ``keep_on_failure`` leaves the failed testbed up instead
+    (phase ``failed``, for inspection; ``down`` removes it)."""
     check_name(name)
     if name in list_testbeds():
         raise TestbedError(f"testbed '{name}' already exists; take it down first (protego testbed down --name {name})")
     clash = sorted(n for n in netns.list_netns() if n.startswith(f"{name}-"))
     if clash:
         raise TestbedError(f"network namespaces {', '.join(clash[:3])} already exist; pick another name")
+    preflight.check(need_tun=True)
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     with open(STATE_ROOT / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # testbeds coming up side by side pick distinct subnets
@@ -234,30 +240,43 @@ def up(
     try:
         _up(tb, progress, wait_tunnels)
     except BaseException as exc:
-        progress(f"failed: {exc}; rolling back")
         detail = _failure_detail(tb)
+        if keep_on_failure:
+            state.phase = "failed"
+            state.save()
+            progress(f"failed: {exc}; the testbed stays up for inspection (logs in {state.logs}); "
+                     f"remove it with: protego testbed down --name {name}")
+            if isinstance(exc, ProtegoError):
+                raise TestbedError(f"testbed up failed (kept for inspection, logs in {state.logs}): "
+                                   f"{exc}{detail}") from exc
+            raise
+        progress(f"failed: {exc}; rolling back")
+        kept = FAILED_ROOT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            down(name, progress=_quiet)
+            down(name, progress=_quiet, keep_logs=kept)
         except ProtegoError as cleanup_exc:  # pragma: no cover - reported, not hidden
             log.error("rollback of testbed %s failed: %s", name, cleanup_exc)
         if isinstance(exc, ProtegoError):
-            raise TestbedError(f"testbed up failed and was rolled back: {exc}{detail}") from exc
+            # the paths the error names moved with the logs
+            msg = str(exc).replace(str(state.logs), str(kept))
+            raise TestbedError(f"testbed up failed and was rolled back: {msg}{detail}\n"
+                               f"  logs kept in {kept}/") from exc
         raise
     return tb
 
 
-def _failure_detail(tb: Testbed) -> str:
+def _failure_detail(tb: Testbed, lines: int = 8) -> str:
     """The last lines of the logs of processes that died, for the error message."""
-    lines = []
+    out = []
     for rec in tb.state.procs:
         if not procs.is_alive(rec):
             try:
-                tail = Path(rec.log).read_text(errors="replace").splitlines()[-5:]
+                tail = [t for t in Path(rec.log).read_text(errors="replace").splitlines() if t.strip()][-lines:]
             except OSError:
-                continue
-            lines.append(f"\n  {rec.kind} on {rec.node} exited; last log lines:")
-            lines += [f"\n    {t}" for t in tail]
-    return "".join(lines)
+                tail = []
+            out.append(f"\n  {rec.kind} on {rec.node} exited; last lines of {Path(rec.log).name}:")
+            out += [f"\n    {t}" for t in tail] or ["\n    (empty)"]
+    return "".join(out)
 
 
 def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
@@ -354,7 +373,8 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     files.strongswan_conf.write_text(strongswan_conf(files, log_path))
     files.swanctl_conf.write_text(swanctl_text)
     rec = procs.spawn(
-        node, "charon", tb.ns(node), [*cpus_prefix(tb, "data"), CHARON], st.logs / f"{node}.charon.stdout.log",
+        # stdout/stderr (a crash's last words) into the same file as charon's own log
+        node, "charon", tb.ns(node), [*cpus_prefix(tb, "data"), CHARON], log_path,
         private_run=True, env={"STRONGSWAN_CONF": str(files.strongswan_conf)},
     )
     st.procs.append(rec)
@@ -523,7 +543,7 @@ def start_gmn_charon(tb: Testbed, node: str) -> procs.ProcRecord:
         vici_sock.unlink()
     charon = procs.spawn(
         node, "charon", tb.ns(node), [*cpus_prefix(tb, "control"), *_control_rt(tb), CHARON],
-        st.logs / f"{node}.charon.stdout.log",
+        st.logs / f"{node}.charon.log",  # charon's own log too (gmn_strongswan_conf)
         private_run=True, env={"STRONGSWAN_CONF": str(conf)},
     )
     st.procs.append(charon)
@@ -582,8 +602,10 @@ def wait_for_tunnels(tb: Testbed, timeout: float) -> None:
 # down
 
 
-def down(name: str, progress: Progress = _quiet) -> None:
-    """Remove exactly what ``up`` created for testbed ``name`` (per its state record)."""
+def down(name: str, progress: Progress = _quiet, keep_logs: Path | None = None) -> None:
+    """Remove exactly what ``up`` created for testbed ``name`` (per its state record);
+    ``keep_logs``: move the logs (and the state record) there first, after the
+    processes have stopped."""
     check_name(name)
     st = TestbedState.load(name)
     st.phase = "removing"
@@ -613,6 +635,11 @@ def down(name: str, progress: Progress = _quiet) -> None:
             netns.remove_host_link(ifname)
         except OSError as exc:
             errors.append(f"host link {ifname}: {exc}")
+    if keep_logs is not None and st.logs.exists():
+        keep_logs.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(st.logs), str(keep_logs))
+        shutil.copy2(st.root / "state.json", keep_logs / "state.json")
+        progress(f"logs kept in {keep_logs}")
     if errors:
         st.save()
         raise TestbedError(f"testbed {name} only partly removed: " + "; ".join(errors))

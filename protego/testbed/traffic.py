@@ -32,11 +32,15 @@ _RECV = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 
 def ping(netns: str, dst: str, count: int = 5, interval: float = 0.2, timeout: float = 2.0) -> PingResult:
-    res = subprocess.run(
-        ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
-         "-W", str(timeout), dst],
-        capture_output=True, text=True, timeout=count * interval + timeout + 10,
-    )
+    limit = count * interval + timeout + 10
+    try:
+        res = subprocess.run(
+            ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+             "-W", str(timeout), dst],
+            capture_output=True, text=True, timeout=limit,
+        )
+    except subprocess.TimeoutExpired:
+        raise TestbedError(f"ping {netns} -> {dst}: no result within {limit:.0f} s") from None
     m = _RECV.search(res.stdout)
     sent, received = (int(m.group(1)), int(m.group(2))) if m else (count, 0)
     r = _RTT.search(res.stdout)
@@ -82,7 +86,11 @@ def iperf3(
             cmd += ["-u", "-b", str(int(udp_bps))]
         deadline = time.monotonic() + 10
         while True:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                raise TestbedError(f"iperf3 {client_ns} -> {server_addr}: no result within "
+                                   f"{seconds + 30:.0f} s (a {seconds:.0f} s test)") from None
             try:
                 doc = json.loads(res.stdout)
             except ValueError:

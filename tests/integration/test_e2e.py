@@ -45,6 +45,7 @@ def test_tunnels_spread_over_gpns(tb: tbmod.Testbed) -> None:
 @pytest.mark.parametrize("site", ["acme-hq", "globex-hq", "initech-hq"])
 def test_ping_and_iperf3_both_ways_and_isolation(tb: tbmod.Testbed, site: str) -> None:
     row = site_traffic(tb, site, seconds=3.0, pings=10)
+    assert row["errors"] == []
     assert row["lost"] == 0 and row["tenant_echos"] == 10
     assert row["isolated"], f"echo requests leaked to {row['leaked_to']}"
     assert row["site_to_tenant_mbps"] > 10 and row["tenant_to_site_mbps"] > 10

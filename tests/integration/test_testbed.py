@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from protego.errors import TestbedError
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
-from protego.testbed.state import STATE_ROOT, TestbedState, list_testbeds
+from protego.testbed.state import FAILED_ROOT, STATE_ROOT, TestbedState, list_testbeds
 from protego.testbed.topology import default_topology_text, load_topology
 from protego.testbed.traffic import icmp_counters, ping
 from tests.conftest import unique_name
@@ -69,6 +70,7 @@ def test_ping_and_iperf3_both_ways(baseline_testbed: tbmod.Testbed, site: str) -
     from protego.testbed.demo import site_traffic
 
     row = site_traffic(baseline_testbed, site, seconds=5.0, pings=10)
+    assert row["errors"] == []
     assert row["pings"] == 20 and row["lost"] == 0
     assert row["tenant_echos"] == 10  # the tenant's host answered every echo itself
     assert row["isolated"], f"echo requests leaked to {row['leaked_to']}"
@@ -184,10 +186,63 @@ def test_failure_half_way_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
         real(tb, node, text, sites, store)
 
     monkeypatch.setattr(tbmod, "_start_charon", failing)
-    with pytest.raises(TestbedError, match="rolled back: injected failure"):
+    with pytest.raises(TestbedError, match="rolled back: injected failure") as info:
         tbmod.up(load_topology(None), name=name, mode="baseline")
+    shutil.rmtree(str(info.value).rsplit("logs kept in ", 1)[1].strip(), ignore_errors=True)
     assert len(started) >= 3  # etcd and two charons were running when it failed
     assert leftovers(name, started, f"pm{name}") == []
+
+
+def test_a_failed_up_keeps_the_dead_charons_log_and_shows_its_last_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #17's failure, injected: charons without the openssl plugin die at start.
+    The rollback keeps the logs in FAILED_ROOT/<name>-<time>/, the error names that
+    folder (not the removed one) and quotes the dead charon's own log."""
+    name = unique_name("f")
+    real = tbmod.strongswan_conf
+
+    def without_openssl(files, log_path):  # type: ignore[no-untyped-def]
+        return real(files, log_path).replace(" openssl ", " ")
+
+    monkeypatch.setattr(tbmod, "strongswan_conf", without_openssl)
+    with pytest.raises(TestbedError) as info:
+        tbmod.up(load_topology(None), name=name, mode="baseline")
+    msg = str(info.value)
+    kept = Path(msg.rsplit("logs kept in ", 1)[1].strip().rstrip("/"))
+    try:
+        assert kept.parent == FAILED_ROOT and kept.name.startswith(f"{name}-"), msg
+        assert str(STATE_ROOT / name) not in msg  # that folder is gone
+        dead = sorted(kept.glob("bg-*.charon.log"))
+        assert dead, f"no charon log in {kept}: {sorted(p.name for p in kept.iterdir())}"
+        text = dead[0].read_text()
+        assert "unmet dependency" in text  # charon's own words on why it stopped
+        assert f"last lines of {dead[0].name}:" in msg and "unmet dependency" in msg
+        assert (kept / "state.json").is_file()
+        assert leftovers(name, [], f"pm{name}") == []
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_keep_on_failure_leaves_the_failed_testbed_up_for_inspection(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = unique_name("k")
+    real = tbmod._start_charon
+
+    def failing(tb, node, text, sites, store):  # type: ignore[no-untyped-def]
+        raise TestbedError(f"injected failure while starting {node}")
+
+    monkeypatch.setattr(tbmod, "_start_charon", failing)
+    try:
+        with pytest.raises(TestbedError, match="kept for inspection"):
+            tbmod.up(load_topology(None), name=name, mode="baseline", keep_on_failure=True)
+        st = TestbedState.load(name)
+        assert st.phase == "failed"
+        assert st.extra.get("etcd") and st.etcd_endpoints  # etcd was running when it failed
+        assert f"{name}-mgmt" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        pids = [p.pid for p in st.procs]
+    finally:
+        monkeypatch.setattr(tbmod, "_start_charon", real)
+        tbmod.down(name)
+    assert leftovers(name, pids, f"pm{name}") == []
 
 
 def test_bad_topology_rejected_before_anything_is_created(tmp_path: Path) -> None:

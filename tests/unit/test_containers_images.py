@@ -37,19 +37,21 @@ PLUGIN_PACKAGE = {
     "random": "libstrongswan", "nonce": "libstrongswan", "kdf": "libstrongswan", "pem": "libstrongswan",
     "pkcs1": "libstrongswan", "x509": "libstrongswan", "pubkey": "libstrongswan",
     "kernel-netlink": "libstrongswan", "openssl": "libstrongswan-standard-plugins",
-    "socket-default": "strongswan-libcharon", "vici": "strongswan-swanctl",
+    "socket-default": "strongswan-libcharon", "vici": "strongswan-swanctl", "ha": "libcharon-extra-plugins",
 }
 # Depends: of the packages that matter here (bookworm)
 DEPENDS = {
     "strongswan-charon": {"libstrongswan", "strongswan-libcharon", "strongswan-starter", "iproute2"},
     "strongswan-swanctl": {"libstrongswan", "strongswan-libcharon"},
     "libstrongswan-standard-plugins": {"libstrongswan"},
+    "libcharon-extra-plugins": {"libstrongswan"},
     "strongswan-starter": {"libstrongswan", "strongswan-libcharon"},
     "python3-nftables": {"libnftables1", "python3"},
 }
 # exactly what each final image installs
 FINAL_PACKAGES = {
-    "gmn": {"python3", "strongswan-charon", "strongswan-swanctl", "libstrongswan-standard-plugins"},
+    "gmn": {"python3", "strongswan-charon", "strongswan-swanctl", "libstrongswan-standard-plugins",
+            "libcharon-extra-plugins"},
     "gpn": {"python3"},
     "lb": {"python3", "python3-nftables"},
 }
@@ -184,9 +186,9 @@ def test_final_stage_installs_exactly_what_the_role_needs(role: str) -> None:
 
 
 def test_gmn_packages_follow_charons_plugin_load_list() -> None:
-    from protego.gmn.charon_conf import GMN_PLUGINS
+    from protego.gmn.charon_conf import GMN_PLUGINS, HA_PLUGIN
 
-    plugins = GMN_PLUGINS.split()
+    plugins = [*GMN_PLUGINS.split(), HA_PLUGIN]  # the image's charon runs with ha (entrypoint.sh)
     assert plugins[0] == "kernel-protego"
     needed = {"strongswan-charon"} | {PLUGIN_PACKAGE[p] for p in plugins[1:]}  # charon + every plugin
     installed = final("gmn").apt_packages()
