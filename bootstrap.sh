@@ -14,11 +14,13 @@ fi
 # test_setup_packages.py checks every charon plugin and program against this list).
 # libstrongswan-standard-plugins: the openssl plugin every charon loads.
 # systemd: systemd-analyze verifies the Ansible roles' units.
+# qemu-system-x86 kmod busybox-static: the kernel lane's QEMU guest (protego/lane.py).
 APT_PACKAGES=(
     strongswan-charon strongswan-swanctl libstrongswan-standard-plugins
     libcharon-extra-plugins libstrongswan-extra-plugins
     nftables python3-nftables etcd-server etcd-client iperf3 iproute2 iputils-ping procps
     python3-venv python3-dev gcc make dpkg-dev strace tcpdump systemd
+    qemu-system-x86 kmod busybox-static
 )
 
 missing=()
@@ -48,5 +50,11 @@ fi
 # Protego's charon plugin (built against the installed strongSwan's source).
 if [ -x charon-plugins/build.sh ]; then
     charon-plugins/build.sh
+fi
+
+# The kernel lane's guest kernel (Debian's linux-image-amd64, unpacked, not installed)
+# for the tests that need kernel ESP. Without it (no network) those tests skip and say so.
+if ! .venv/bin/protego lane setup >&2; then
+    echo "bootstrap: the kernel lane is not set up (see above): tests marked kernel will skip" >&2
 fi
 echo "bootstrap: ready (.venv/bin/protego)" >&2

@@ -29,6 +29,7 @@ _COMMANDS: dict[str, str] = {
     "lb": "protego.lb.cli:lb",
     "gpn": "protego.gpn.cli:gpn",
     "bench": "protego.bench.cli:bench",
+    "lane": "protego.lane:lane",
 }
 
 

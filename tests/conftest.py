@@ -17,6 +17,9 @@ import pytest
 
 IS_ROOT = os.geteuid() == 0
 
+# Tests marked ``kernel`` run natively, in the kernel lane (a QEMU guest), or skip.
+pytest_plugins = ["tests.lane_plugin"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IS_ROOT:

@@ -53,6 +53,7 @@ from protego.store.view import PrefixView
 from protego.store.writer import LatestWriter
 
 from .engine import Engine, EngineConfig
+from .kernel import KernelDataPath
 from .records import GpnSa, parse_sa_record
 from .tenant import EgressRoute, HostDirectory
 
@@ -96,15 +97,14 @@ def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> st
     result = probe()
     if requested == "xfrm":
         if not result.kernel_esp:
-            raise ConfigError(f"--backend xfrm: the kernel cannot do ESP ({result.message})")
-        raise ConfigError("--backend xfrm: the kernel has ESP, but the xfrm backend of the GPN agent "
-                          "(tenant side through kernel VXLAN/XFRM interfaces) is not implemented yet; "
-                          "use --backend userspace")
+            raise ConfigError(f"--backend xfrm: the kernel cannot do ESP ({result.message}); "
+                              "use --backend userspace (or auto)")
+        log.info("data-path backend: xfrm (requested; %s)", result.message)
+        return "xfrm"
     if result.kernel_esp:
-        log.warning("the kernel can do ESP, but the GPN's xfrm backend is not implemented yet: "
-                    "data-path backend: userspace")
-    else:
-        log.info("data-path backend: userspace (the kernel cannot do ESP)")
+        log.info("data-path backend: xfrm (%s)", result.message)
+        return "xfrm"
+    log.info("data-path backend: userspace (the kernel cannot do ESP: %s)", result.message)
     return "userspace"
 
 
@@ -181,12 +181,40 @@ class _Cpu:
         return round(min(1.0, sum(per) / cores), 3), per
 
 
+class _HostCpu:
+    """The node's CPU use (the xfrm backend's work is the kernel's: softirqs on every core)."""
+
+    def __init__(self) -> None:
+        self._last: list[tuple[int, int]] = []
+
+    @staticmethod
+    def _read() -> list[tuple[int, int]]:
+        out = []
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    v = [int(x) for x in line.split()[1:]]
+                    idle = v[3] + (v[4] if len(v) > 4 else 0)
+                    out.append((sum(v), idle))
+        return out
+
+    def sample(self, _pids: list[int]) -> tuple[float, list[float]]:
+        try:
+            now = self._read()
+        except OSError:
+            return 0.0, []
+        last, self._last = self._last or now, now
+        per = [round(1 - (i1 - i0) / (t1 - t0), 3) if t1 > t0 else 0.0
+               for (t0, i0), (t1, i1) in zip(last, now, strict=False)]
+        return (round(sum(per) / len(per), 3) if per else 0.0), per
+
+
 class GpnAgent:
     def __init__(self, cfg: GpnConfig, etcd_factory: Callable[[], Etcd]) -> None:
         self.cfg = cfg
         self._etcd_factory = etcd_factory
         self.etcd: Etcd | None = None
-        self.engine: Engine | None = None
+        self.engine: Engine | KernelDataPath | None = None
         self.backend = "userspace"
         self.sas_view = PrefixView(on_change=self._kick)
         self.aux_view = PrefixView(on_change=self._kick)
@@ -209,7 +237,7 @@ class GpnAgent:
         self.acks: AckSender | None = None
         self._ack_writer: LatestWriter[tuple[int, int, float, Lease]] = LatestWriter(
             "gpn-ack-writer", self._write_ack, self._ack_failed)
-        self._cpu = _Cpu()
+        self._cpu: _Cpu | _HostCpu = _Cpu()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lease: Lease | None = None
@@ -221,10 +249,16 @@ class GpnAgent:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> GpnAgent:
         self.backend = choose_backend(self.cfg.backend)
-        # the engine forks its workers: before any etcd/gRPC thread exists
-        self.engine = Engine(EngineConfig(self.cfg.fabric_addr, workers=self.cfg.workers,
-                                          raw_esp=self.cfg.raw_esp,
-                                          worker_cpus=self.cfg.worker_cpus)).start()
+        if self.backend == "xfrm":
+            from .kernel import KernelConfig, KernelDataPath
+
+            self.engine = KernelDataPath(KernelConfig(self.cfg.fabric_addr)).start()
+            self._cpu = _HostCpu()
+        else:
+            # the engine forks its workers: before any etcd/gRPC thread exists
+            self.engine = Engine(EngineConfig(self.cfg.fabric_addr, workers=self.cfg.workers,
+                                              raw_esp=self.cfg.raw_esp,
+                                              worker_cpus=self.cfg.worker_cpus)).start()
         self.started = time.time()
         try:
             self._connect()
@@ -436,7 +470,7 @@ class GpnAgent:
         # The engine's requests go to its workers through pipes: "applied" means the
         # workers carried them out (a worker busy with a batch reads its pipe later, and
         # the peer's first packets on an SA it does not have yet would be dropped)
-        if self.engine.requests != requests:
+        if self.engine.requests != requests or self.engine.pending:
             try:
                 self.engine.sync()
             except DataplaneError as exc:

@@ -21,14 +21,17 @@ import socket
 import struct
 
 __all__ = ["SO_ATTACH_FILTER", "SO_ATTACH_REUSEPORT_CBPF", "attach", "pack", "raw_esp_owner",
-           "reuseport_by_spi", "run"]
+           "reuseport_by_spi", "run", "tagged_only"]
 
 SO_ATTACH_FILTER = 26
 SO_ATTACH_REUSEPORT_CBPF = 51
 
 # opcodes (linux/filter.h)
 _LD_W_ABS = 0x20
+_LD_B_ABS = 0x30
 _LD_W_IND = 0x40
+_LD_H_IND = 0x48
+_ALU_AND_K = 0x54
 _LDX_B_MSH = 0xB1
 _ALU_MOD_K = 0x94
 _JEQ_K = 0x15
@@ -53,6 +56,28 @@ def raw_esp_owner(workers: int, worker: int) -> list[Insn]:
     ]
 
 
+def tagged_only(dscp: int, udp_ports: tuple[int, ...] = ()) -> list[Insn]:
+    """A socket filter for a raw IPv4 socket that keeps only packets whose outer DSCP is
+    ``dscp`` (the GIN/GEN's heartbeat tag) and, with ``udp_ports``, whose UDP destination
+    port is one of them. The xfrm backend's heartbeat server sees the tagged packets the
+    kernel decapsulates, and the kernel drops every other copy before it is queued."""
+    prog: list[Insn] = [
+        (_LD_B_ABS, 0, 0, 1),  # A = TOS
+        (_ALU_AND_K, 0, 0, 0xFC),
+        (_JEQ_K, 1, 0, dscp << 2),
+        (_RET_K, 0, 0, 0),
+    ]
+    if udp_ports:
+        prog.append((_LDX_B_MSH, 0, 0, 0))  # X = IPv4 header length
+        prog.append((_LD_H_IND, 0, 0, 2))  # A = UDP destination port
+        n = len(udp_ports)
+        for i, port in enumerate(udp_ports):  # a match jumps over the other tests and the drop
+            prog.append((_JEQ_K, n - i, 0, port))
+        prog.append((_RET_K, 0, 0, 0))
+    prog.append((_RET_K, 0, 0, 0x40000))
+    return prog
+
+
 def pack(prog: list[Insn]) -> bytes:
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
@@ -70,11 +95,14 @@ def run(prog: list[Insn], data: bytes) -> int:
     while True:
         code, jt, jf, k = prog[pc]
         pc += 1
-        if code == _LD_W_ABS or code == _LD_W_IND:
-            off = k + (x if code == _LD_W_IND else 0)
-            if off + 4 > len(data):
+        if code in (_LD_W_ABS, _LD_W_IND, _LD_H_IND, _LD_B_ABS):
+            off = k + (x if code in (_LD_W_IND, _LD_H_IND) else 0)
+            size = 4 if code in (_LD_W_ABS, _LD_W_IND) else 2 if code == _LD_H_IND else 1
+            if off + size > len(data):
                 return 0
-            a = int.from_bytes(data[off:off + 4], "big")
+            a = int.from_bytes(data[off:off + size], "big")
+        elif code == _ALU_AND_K:
+            a &= k
         elif code == _LDX_B_MSH:
             if k >= len(data):
                 return 0

@@ -151,6 +151,7 @@ class Engine:
         self._lock = threading.Lock()
         self._sync_token = 0
         self.requests = 0  # changes sent to workers (a reconcile pass that sent one waits for them: sync)
+        self.pending = False  # (the xfrm backend's changes not applied yet; never here)
         self.seqs: SharedSequences | None = None
         self._slots: dict[int, tuple[int, int]] = {}  # outbound SPI -> (slot, tag)
         self.started = 0.0

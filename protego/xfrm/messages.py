@@ -58,6 +58,7 @@ from .constants import (
     XFRMA_IF_ID,
     XFRMA_MARK,
     XFRMA_REPLAY_ESN_VAL,
+    XFRMA_REPLAY_VAL,
     XFRMA_SRCADDR,
     XFRMA_TMPL,
 )
@@ -107,6 +108,7 @@ _TMPL_TAIL = struct.Struct("=IBBB1xIII")
 _ENCAP = struct.Struct("=H")
 _ENCAP_PORTS = struct.Struct("!HH2x")
 _ESN = struct.Struct("=6I")
+_REPLAY = struct.Struct("=3I")
 _MARK = struct.Struct("=II")
 _U32 = struct.Struct("=I")
 
@@ -316,6 +318,8 @@ class XfrmState:
     rseq: int = 0
     cur_bytes: int = 0
     cur_packets: int = 0
+    cur_add_time: int = 0  # unix seconds the state was added
+    cur_use_time: int = 0  # unix seconds of its first use (0: never used)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "src", _ip(self.src))
@@ -489,11 +493,14 @@ def encode_policy(policy: XfrmPolicy, update: bool = False, seq: int = 0) -> byt
 
 
 def encode_policy_delete(selector: Selector, direction: int, index: int = 0,
-                         mark: Mark | None = None, seq: int = 0) -> bytes:
-    """``XFRM_MSG_DELPOLICY`` (``xfrm_userpolicy_id``)."""
+                         mark: Mark | None = None, seq: int = 0, if_id: int | None = None) -> bytes:
+    """``XFRM_MSG_DELPOLICY`` (``xfrm_userpolicy_id``); a policy installed with an
+    ``if_id`` is found only with the same ``XFRMA_IF_ID``."""
     body = selector.pack() + _POL_ID_TAIL.pack(index, direction)
     if mark is not None:
         body += _attr(XFRMA_MARK, mark.pack())
+    if if_id is not None:
+        body += _attr(XFRMA_IF_ID, _U32.pack(if_id))
     return _nlmsg(XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, body, seq)
 
 
@@ -555,6 +562,8 @@ def _attrs_common(attrs: Iterator[tuple[int, bytes]]) -> dict[str, object]:
             out["if_id"] = _U32.unpack_from(value)[0]
         elif kind == XFRMA_REPLAY_ESN_VAL and len(value) >= 24:
             out["esn"] = _ESN.unpack_from(value)
+        elif kind == XFRMA_REPLAY_VAL and len(value) >= 12:
+            out["replay"] = _REPLAY.unpack_from(value)  # oseq, seq, bitmap
         elif kind == XFRMA_TMPL:
             out["templates"] = tuple(
                 XfrmTemplate.unpack(value[i: i + SIZEOF_USER_TMPL])
@@ -570,7 +579,7 @@ def decode_state(payload: bytes) -> XfrmState:
     (spi,) = _SPI.unpack_from(payload, 72)
     proto = payload[76]
     lifetime = LifetimeCfg.unpack(payload, 96)
-    cur_bytes, cur_packets, _add, _use = _LFT_CUR.unpack_from(payload, 160)
+    cur_bytes, cur_packets, add_time, use_time = _LFT_CUR.unpack_from(payload, 160)
     seq, reqid, family, mode, window, flags = _SA_TAIL.unpack_from(payload, 204)
     dst = _parse_addr(payload[56:72], family)
     src = _parse_addr(payload[80:96], family)
@@ -581,6 +590,8 @@ def decode_state(payload: bytes) -> XfrmState:
         _bmp_len, oseq_lo, seq_lo, oseq_hi, seq_hi, window = esn
         oseq = (oseq_hi << 32) | oseq_lo
         rseq = (seq_hi << 32) | seq_lo
+    elif isinstance(extra.get("replay"), tuple):
+        oseq, rseq, _bitmap = extra["replay"]  # type: ignore[misc]
     assert src is not None and dst is not None
     return XfrmState(
         src=src, dst=dst, spi=spi, proto=proto, mode=mode, reqid=reqid,
@@ -590,6 +601,7 @@ def decode_state(payload: bytes) -> XfrmState:
         mark=extra.get("mark"),  # type: ignore[arg-type]
         if_id=extra.get("if_id"),  # type: ignore[arg-type]
         seq=seq, oseq=oseq, rseq=rseq, cur_bytes=cur_bytes, cur_packets=cur_packets,
+        cur_add_time=add_time, cur_use_time=use_time,
     )
 
 

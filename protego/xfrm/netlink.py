@@ -197,8 +197,8 @@ class XfrmSocket:
         self.request(encode_policy(policy, update=True))
 
     def delete_policy(self, selector: Selector, direction: int,
-                      mark: Mark | None = None) -> None:
-        self.request(encode_policy_delete(selector, direction, mark=mark))
+                      mark: Mark | None = None, if_id: int | None = None) -> None:
+        self.request(encode_policy_delete(selector, direction, mark=mark, if_id=if_id))
 
     def dump_policies(self) -> list[XfrmPolicy]:
         return [decode_policy(m.payload) for m in self.dump(encode_policy_dump())
