@@ -296,12 +296,19 @@ def test_policy_added_by_ip_decodes_to_our_model(netns: str) -> None:
 
 
 def test_state_operations_report_errno(netns: str) -> None:
-    sa = _sa(Suite.AES128GCM16)
+    import dataclasses
+
+    from protego.xfrm.constants import XFRMA_ALG_AEAD
+    from protego.xfrm.messages import Algorithm
+
+    # an AEAD no kernel knows: refused the same way with or without kernel ESP (ENOSYS;
+    # EPROTONOSUPPORT where ESP itself is missing)
+    state = dataclasses.replace(state_from_sa(_sa(Suite.AES128GCM16)),
+                                algorithms=(Algorithm(XFRMA_ALG_AEAD, "rfc4106(nosuch(aes))", KEY16 + bytes(4), 128),))
     with open_xfrm_socket(netns) as xs:
         assert xs.dump_states() == []
         with pytest.raises(DataplaneError) as exc:
-            xs.add_state(state_from_sa(sa))
-        # No kernel ESP here: ENOSYS (AEAD) - or success on a production kernel.
+            xs.add_state(state)
         assert exc.value.errno in (errno.ENOSYS, errno.EPROTONOSUPPORT)
         assert "NEWSA" in str(exc.value)
         assert KEY16.hex() not in str(exc.value)
