@@ -13,11 +13,18 @@ from protego.errors import ProtegoError
 from protego.testbed import testbed as tbmod
 from protego.testbed.plan import MODES
 from protego.testbed.state import list_testbeds
-from protego.testbed.topology import load_topology
+from protego.testbed.topology import BUILTIN_TOPOLOGIES, GPN_BACKENDS, load_topology
 
 
 KEEP_HELP = ("If `up` fails, leave the failed testbed running for inspection (phase 'failed'; "
              "`protego testbed down` removes it) instead of rolling it back.")
+
+
+TOPOLOGY_HELP = (f"Topology file (TOML, see docs/testbed.md), or the name of a packaged topology "
+                 f"({', '.join(BUILTIN_TOPOLOGIES)}; lane: relaxed timings for an emulated guest). "
+                 "Default: default.")
+BACKEND_HELP = ("Every GPN's ESP data path: userspace (Protego's engine), xfrm (the kernel's), auto (the agent "
+                "probes the kernel). Default: the topology's [testbed].gpn_backends, else userspace.")
 
 
 def _progress(msg: str) -> None:
@@ -39,21 +46,23 @@ def testbed() -> None:
 
 
 @testbed.command()
-@click.option("--topology", "topology_file", type=click.Path(dir_okay=False), default=None,
-              help="Topology file (TOML, see docs/testbed.md). Default: the packaged topology.")
+@click.option("--topology", "topology_file", default=None, metavar="FILE|NAME", help=TOPOLOGY_HELP)
 @click.option("--name", default="pt", show_default=True, help="Testbed name: prefixes its namespaces.")
 @click.option("--mode", type=click.Choice(MODES), default="protego", show_default=True,
               help="protego: Protego's roles; baseline: one strongSwan gateway per tenant.")
-@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for every site's tunnel (baseline mode).")
+@click.option("--backend", type=click.Choice(GPN_BACKENDS), default=None, help=BACKEND_HELP)
+@click.option("--wait", "wait_s", type=float, default=None,
+              help="Seconds to wait for every site's tunnel (baseline mode). Default: the topology's "
+                   "[timings].tunnel_wait_s.")
 @click.option("--keep-on-failure", is_flag=True, help=KEEP_HELP)
-def up(topology_file: str | None, name: str, mode: str, wait_s: float, keep_on_failure: bool) -> None:
+def up(topology_file: str | None, name: str, mode: str, backend: str | None, wait_s: float | None,
+       keep_on_failure: bool) -> None:
     """Create the testbed: namespaces, links, etcd, strongSwan sites and gateways."""
     _need_root()
     try:
         topo = load_topology(topology_file)
         tb = tbmod.up(topo, name=name, mode=mode, progress=_progress, wait_tunnels=wait_s,  # type: ignore[arg-type]
-                      keep_on_failure=keep_on_failure)
+                      keep_on_failure=keep_on_failure, backend=backend)
     except ProtegoError as exc:
         _fail(exc)
         return
@@ -76,6 +85,8 @@ def down(name: str) -> None:
 def _print_status(st: dict[str, Any]) -> None:
     click.echo(f"testbed {st['name']}  mode={st['mode']}  phase={st['phase']}  mgmt={st['mgmt_subnet']}")
     click.echo(f"  topology: {st['topology']}")
+    backends = " ".join(f"{g}={b}" for g, b in st["gpn_backends"].items())
+    click.echo(f"  ESP:      sites {st['site_esp']}{'; GPNs ' + backends if backends else ''}")
     click.echo(f"  logs:     {st['logs']}")
     health = ", ".join(
         f"{e} (pid {pid}) {'ok' if ok else 'DOWN'}"
@@ -149,16 +160,22 @@ def exec_(name: str, node: str, cmd: tuple[str, ...]) -> None:
 @click.option("--name", default="pt", show_default=True)
 @click.option("--mode", type=click.Choice(MODES), default="protego", show_default=True,
               help="Which system carries the tunnels: Protego, or the baseline (a gateway per tenant).")
+@click.option("--topology", "topology_file", default=None, metavar="FILE|NAME",
+              help=TOPOLOGY_HELP + " Only used when the testbed is not up yet.")
+@click.option("--backend", type=click.Choice(GPN_BACKENDS), default=None,
+              help=BACKEND_HELP + " Only used when the testbed is not up yet.")
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="iperf3 duration per direction.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--keep-on-failure", is_flag=True, help=KEEP_HELP)
-def demo(name: str, mode: str, seconds: float, as_json: bool, keep_on_failure: bool) -> None:
-    """Bring the default testbed up if needed, send traffic over every tunnel, print a table."""
+def demo(name: str, mode: str, topology_file: str | None, backend: str | None, seconds: float, as_json: bool,
+         keep_on_failure: bool) -> None:
+    """Bring the testbed up if needed, send traffic over every tunnel, print a table."""
     _need_root()
     from protego.testbed.demo import format_table, row_failed, run_demo
 
     try:
-        rows = run_demo(name, mode, seconds, _progress, keep_on_failure)  # type: ignore[arg-type]
+        rows = run_demo(name, mode, seconds, _progress, keep_on_failure,  # type: ignore[arg-type]
+                        topology=load_topology(topology_file), backend=backend)
     except ProtegoError as exc:
         _fail(exc)
         return

@@ -9,13 +9,16 @@ from protego.errors import TestbedError
 from protego.testbed import testbed as tbmod
 from protego.testbed.plan import Mode
 from protego.testbed.state import list_testbeds
-from protego.testbed.topology import load_topology
+from protego.testbed.topology import Topology, load_topology
 from protego.testbed.traffic import icmp_counters, iperf3, ping
 
 T = TypeVar("T")
 
 
-def ensure_up(name: str, mode: Mode, progress: tbmod.Progress, keep_on_failure: bool = False) -> tbmod.Testbed:
+def ensure_up(name: str, mode: Mode, progress: tbmod.Progress, keep_on_failure: bool = False,
+              topology: Topology | None = None, backend: str | None = None) -> tbmod.Testbed:
+    """Testbed ``name`` as it runs, or brought up from ``topology`` (default: the
+    packaged default) with ``backend`` for its GPNs."""
     if name in list_testbeds():
         tb = tbmod.Testbed.open(name)
         if tb.state.mode != mode or tb.state.phase != "up":
@@ -23,9 +26,10 @@ def ensure_up(name: str, mode: Mode, progress: tbmod.Progress, keep_on_failure: 
                 f"testbed '{name}' exists in {tb.state.mode} mode, phase {tb.state.phase}; "
                 f"take it down first (protego testbed down --name {name})"
             )
-        progress(f"using the running testbed '{name}'")
+        progress(f"using the running testbed '{name}' (topology {tb.state.topology_source})")
         return tb
-    return tbmod.up(load_topology(None), name=name, mode=mode, progress=progress, keep_on_failure=keep_on_failure)
+    return tbmod.up(topology or load_topology(None), name=name, mode=mode, progress=progress,
+                    keep_on_failure=keep_on_failure, backend=backend)
 
 
 def site_traffic(tb: tbmod.Testbed, site_name: str, seconds: float, pings: int = 10) -> dict[str, Any]:
@@ -84,11 +88,12 @@ def row_failed(row: dict[str, Any]) -> bool:
 
 
 def run_demo(name: str, mode: Mode, seconds: float, progress: tbmod.Progress,
-             keep_on_failure: bool = False) -> list[dict[str, Any]]:
-    tb = ensure_up(name, mode, progress, keep_on_failure)
+             keep_on_failure: bool = False, topology: Topology | None = None,
+             backend: str | None = None) -> list[dict[str, Any]]:
+    tb = ensure_up(name, mode, progress, keep_on_failure, topology, backend)
     if mode == "protego":
         progress("waiting for every site's tunnel")
-        tbmod.wait_for_tunnels(tb, 60)
+        tbmod.wait_for_tunnels(tb, tb.timings.tunnel_wait_s)
     rows = []
     for s in tb.topology.sites:
         progress(f"traffic over {s.name}'s tunnel ({seconds:.0f} s each way)")

@@ -23,10 +23,15 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from protego.testbed.topology import Topology, baseline_public
+from protego.errors import ConfigError
+from protego.testbed.topology import GPN_BACKENDS, Topology, baseline_public
 
 Mode = Literal["protego", "baseline"]
 MODES: tuple[Mode, ...] = ("protego", "baseline")
+DEFAULT_GPN_BACKEND = "userspace"
+# how the progress line names each backend
+BACKEND_LABELS = {"userspace": "userspace ESP engine", "xfrm": "kernel XFRM",
+                  "auto": "auto: the agent probes the kernel"}
 
 VXLAN_PORT = 4789
 # In protego mode every tenant network's gateway address (held by Protego: the GEN
@@ -39,6 +44,29 @@ def tenant_host_mac(vni: int, index: int) -> str:
     return f"02:{(vni >> 16) & 255:02x}:{(vni >> 8) & 255:02x}:{vni & 255:02x}:00:{index & 255:02x}"
 MGMT_SUPERNET = ipaddress.IPv4Network("198.19.0.0/16")
 HOST_IFNAME_PREFIX = "pm"
+
+
+def gpn_backends(topo: Topology, requested: str | None = None) -> dict[str, str]:
+    """The data-path backend of each GPN (``gpn1`` ... in order): ``requested``
+    (``testbed up --backend``) for every GPN when given, else the topology's
+    ``[testbed].gpn_backends``, else :data:`DEFAULT_GPN_BACKEND`."""
+    if requested is not None and requested not in GPN_BACKENDS:
+        raise ConfigError(f"--backend {requested!r}: expected one of {', '.join(GPN_BACKENDS)}")
+    if requested is not None:
+        chosen = [requested] * topo.gpns
+    elif topo.gpn_backends:
+        chosen = list(topo.gpn_backends)
+    else:
+        chosen = [DEFAULT_GPN_BACKEND] * topo.gpns
+    return {f"gpn{i}": b for i, b in enumerate(chosen, start=1)}
+
+
+def describe_backends(backends: dict[str, str]) -> str:
+    """``userspace ESP engine`` when every GPN runs the same one, else one per GPN."""
+    kinds = set(backends.values())
+    if len(kinds) == 1:
+        return BACKEND_LABELS[kinds.pop()]
+    return ", ".join(f"{node}: {BACKEND_LABELS[b]}" for node, b in backends.items())
 
 
 def mgmt_subnet(index: int) -> ipaddress.IPv4Network:

@@ -20,21 +20,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protego.errors import PeerError, ProtegoError, TestbedError
 from protego.store.server import EtcdCluster
 from protego.testbed import netns, preflight, procs
-from protego.testbed.plan import MGMT_SUPERNET, Mode, Plan, build_plan, mgmt_subnet
+from protego.testbed.plan import (
+    MGMT_SUPERNET,
+    Mode,
+    Plan,
+    build_plan,
+    describe_backends,
+    gpn_backends,
+    mgmt_subnet,
+)
 from protego.testbed.state import FAILED_ROOT, STATE_ROOT, TestbedState, list_testbeds, used_mgmt_indices
 from protego.testbed.strongswan import (
+    SITE_ESP_ENV,
+    SITE_ESP_LABELS,
     CharonFiles,
+    SiteEsp,
     baseline_swanctl_conf,
+    choose_site_esp,
     site_swanctl_conf,
     strongswan_conf,
 )
-from protego.testbed.topology import TESTBED_NAME_RE, Topology, load_topology
+from protego.testbed.topology import DEFAULT_TIMINGS, TESTBED_NAME_RE, Timings, Topology, load_topology_source
 from protego.vici_client import ViciClient
+
+if TYPE_CHECKING:
+    from protego.xfrm import EspProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +57,9 @@ CHARON = "/usr/lib/ipsec/charon"
 KERNEL_PROTEGO_SO = "/usr/lib/ipsec/plugins/libstrongswan-kernel-protego.so"
 SWANCTL = "/usr/sbin/swanctl"
 TESTBED_ETCD_PREFIX = "/protego-testbed/"
-GMN_LEASE_TTL = 2  # s: a GMN cut off from etcd is replaced after this (the shortest etcd grants)
+# The defaults of a topology's [timings] (topology.Timings); a testbed uses its topology's.
+GMN_LEASE_TTL = DEFAULT_TIMINGS.gmn_lease_ttl  # s: a GMN cut off from etcd is replaced after this
+HB_INTERVAL_MS = DEFAULT_TIMINGS.hb_interval_ms  # every GPN probed (or tag-answered) this often
 # etcd shares this host's CPUs with every role here; in the round-robin real-time class it
 # answers the GMN's mirror writes without waiting behind the agents and the engines
 # (docs/gmn-ha.md, "Replication latency"). Below the HA relays' 10.
@@ -56,11 +73,6 @@ ETCD_RT_PRIORITY = 5
 # GPN agents as well made the failover outage worse (166 against 132 ms): they preempted
 # the data path they share the CPUs with.
 CONTROL_RT_PRIORITY = 4
-# every GPN probed (or tag-answered) this often (the agent's default is 10 ms); dead after
-# 3 misses, or at once when the GPN's host refuses a probe (its engine is gone). On this
-# 2-CPU lab machine a busy Python GPN must not be declared dead by accident: 10 ms saw
-# false declarations under 300 Mbit/s, 20 ms during a drain of 20 tunnels at once
-HB_INTERVAL_MS = 50
 
 
 def copy_logs(tb: "Testbed", dest: str | os.PathLike[str]) -> Path:
@@ -172,6 +184,20 @@ class Testbed:
     def name(self) -> str:
         return self.state.name
 
+    @property
+    def timings(self) -> Timings:
+        return self.topology.timings
+
+    @property
+    def site_esp(self) -> SiteEsp:
+        """The ESP of the sites' and baseline gateways' charons (chosen at ``up``)."""
+        return self.state.extra.get("site_esp", "libipsec")  # type: ignore[no-any-return]
+
+    @property
+    def gpn_backends(self) -> dict[str, str]:
+        """Each GPN's data-path backend as ``up`` started it (protego mode)."""
+        return dict(self.state.extra.get("gpn_backends", {}))
+
     def ns(self, node: str) -> str:
         return self.plan.ns(node)
 
@@ -193,7 +219,7 @@ class Testbed:
     @classmethod
     def open(cls, name: str) -> "Testbed":
         state = TestbedState.load(name)
-        topo = load_topology(None if state.topology_source == "<default topology>" else state.topology_source)
+        topo = load_topology_source(state.topology_source)
         plan = build_plan(topo, name, state.mode, state.mgmt_index)  # type: ignore[arg-type]
         return cls(state, topo, plan)
 
@@ -207,20 +233,43 @@ def up(
     name: str = "pt",
     mode: Mode = "protego",
     progress: Progress = _quiet,
-    wait_tunnels: float = 60.0,
+    wait_tunnels: float | None = None,
     keep_on_failure: bool = False,
+    backend: str | None = None,
 ) -> Testbed:
     """Create testbed ``name``. A failure half-way rolls everything back, keeps the logs
     in ``FAILED_ROOT/<name>-<time>/`` (named in the error) and shows the last lines of
     every process that died; ``keep_on_failure`` leaves the failed testbed up instead
-    (phase ``failed``, for inspection; ``down`` removes it)."""
+    (phase ``failed``, for inspection; ``down`` removes it).
+
+    ``backend``: every GPN's data path (``userspace``, ``xfrm``, ``auto``); default:
+    the topology's ``[testbed].gpn_backends``, else ``userspace``. The sites' and
+    baseline gateways' charons use the kernel's ESP (kernel-netlink) when it has ESP,
+    else kernel-libipsec (``PROTEGO_TESTBED_SITE_ESP`` decides instead when set).
+    ``wait_tunnels``: seconds for every site's tunnel in baseline mode (default: the
+    topology's ``tunnel_wait_s``; 0: do not wait)."""
     check_name(name)
     if name in list_testbeds():
         raise TestbedError(f"testbed '{name}' already exists; take it down first (protego testbed down --name {name})")
     clash = sorted(n for n in netns.list_netns() if n.startswith(f"{name}-"))
     if clash:
         raise TestbedError(f"network namespaces {', '.join(clash[:3])} already exist; pick another name")
-    preflight.check(need_tun=True)
+    backends = gpn_backends(topology, backend) if mode == "protego" else {}
+    probed: list["EspProbeResult"] = []
+
+    def esp_probe() -> "EspProbeResult":  # the kernel is asked once per up
+        if not probed:
+            probed.append(preflight.probe_esp())
+        return probed[0]
+
+    override = os.environ.get(SITE_ESP_ENV)
+    site_esp = choose_site_esp(override, lambda: esp_probe().kernel_esp)
+    if (override or "auto").strip() != "auto":
+        esp_reason = f"{SITE_ESP_ENV}={override}"
+    else:
+        esp_reason = "the kernel has ESP" if site_esp == "kernel" else "the kernel has no ESP"
+    preflight.check(need_tun=site_esp == "libipsec",
+                    extra=preflight.kernel_features(site_esp, backends.values()), esp_probe=esp_probe)
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     with open(STATE_ROOT / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # testbeds coming up side by side pick distinct subnets
@@ -231,6 +280,9 @@ def up(
         state = TestbedState(
             name=name, mode=mode, topology_source=topology.source, mgmt_index=index, created=time.time()
         )
+        state.extra["site_esp"] = site_esp
+        state.extra["site_esp_reason"] = esp_reason
+        state.extra["gpn_backends"] = backends
         if netns.host_link_exists(plan.host_ifname):
             raise TestbedError(f"host interface {plan.host_ifname} already exists; pick another name")
         state.root.mkdir(parents=True, exist_ok=True)
@@ -238,7 +290,7 @@ def up(
         state.save()
     tb = Testbed(state, topology, plan)
     try:
-        _up(tb, progress, wait_tunnels)
+        _up(tb, progress, topology.timings.tunnel_wait_s if wait_tunnels is None else wait_tunnels)
     except BaseException as exc:
         detail = _failure_detail(tb)
         if keep_on_failure:
@@ -291,7 +343,8 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
         st.save()
 
     t0 = time.monotonic()
-    progress(f"creating {len(plan.namespaces)} network namespaces ({plan.mode} mode)")
+    progress(f"creating {len(plan.namespaces)} network namespaces ({plan.mode} mode; strongSwan peers on "
+             f"{SITE_ESP_LABELS[tb.site_esp]}: {st.extra.get('site_esp_reason', '')})")
     netns.apply_plan(plan, journal_ns, journal_link)
 
     progress(f"starting etcd ({topo.etcd_members} member{'s' if topo.etcd_members > 1 else ''})")
@@ -328,7 +381,7 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
         for s in topo.sites:
             store.put(f"{TESTBED_ETCD_PREFIX}{st.name}/sites/{s.name}/psk", secrets.token_urlsafe(32).encode())
         if plan.mode == "baseline":
-            progress(f"starting {len(topo.tenants)} baseline gateways (strongSwan, kernel-libipsec)")
+            progress(f"starting {len(topo.tenants)} baseline gateways (strongSwan, {SITE_ESP_LABELS[tb.site_esp]})")
             for ch in plan.charons:
                 if ch.kind == "baseline":
                     _start_charon(tb, ch.node, baseline_swanctl_conf(topo, topo.tenant(ch.tenant)),
@@ -337,18 +390,23 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
             progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
             for node in ("gmn1", "gmn2"):
                 _start_gmn(tb, node)
-            progress(f"starting {topo.gpns} GPN agents (userspace ESP engine) and the GIN/GEN agent")
+            backends = tb.gpn_backends
+            progress(f"starting {topo.gpns} GPN agents ({describe_backends(backends)}) and the GIN/GEN agent")
             for n in tb.plan.namespaces:
                 if n.role == "gpn":
                     _start_agent(tb, n.node, "gpn-agent", ["gpn", "run", "--node", n.node,
                                                            "--fabric-addr", fabric_addr(tb, n.node),
+                                                           "--backend", backends[n.node],
                                                            *(["--worker-cpus", cpu_list(split["data"])]
                                                              if split else [])])
             _start_lb(tb)
-            _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"])
+            running = _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"],
+                                       tb.timings.daemon_start_s)
+            if running != backends:  # auto: what each agent chose
+                progress(f"GPN agents registered ({describe_backends(running)})")
             progress(f"creating {len(topo.tenants)} tenants and {len(topo.sites)} tunnels with the protego CLI")
             _create_tenants_and_tunnels(tb, store)
-        progress(f"starting {len(topo.sites)} site gateways (strongSwan, kernel-libipsec)")
+        progress(f"starting {len(topo.sites)} site gateways (strongSwan, {SITE_ESP_LABELS[tb.site_esp]})")
         for ch in plan.charons:
             if ch.kind == "site":
                 assert ch.site is not None
@@ -370,7 +428,7 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     files = tb.charon_files(node)
     files.conf_dir.mkdir(parents=True, exist_ok=True)
     log_path = st.logs / f"{node}.charon.log"
-    files.strongswan_conf.write_text(strongswan_conf(files, log_path))
+    files.strongswan_conf.write_text(strongswan_conf(files, log_path, tb.site_esp))
     files.swanctl_conf.write_text(swanctl_text)
     rec = procs.spawn(
         # stdout/stderr (a crash's last words) into the same file as charon's own log
@@ -379,12 +437,14 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     )
     st.procs.append(rec)
     st.save()
-    deadline = time.monotonic() + 15
+    wait_s = tb.timings.daemon_start_s
+    deadline = time.monotonic() + wait_s
     while not files.vici_socket.exists():
         if not procs.is_alive(rec):
             raise TestbedError(f"charon on {node} exited during start-up (see {log_path})")
         if time.monotonic() > deadline:
-            raise TestbedError(f"charon on {node} did not open its VICI socket within 15 s")
+            raise TestbedError(f"charon on {node} did not open its VICI socket within {wait_s:.0f} s "
+                               "([timings].daemon_start_s)")
         time.sleep(0.05)
     # the socket file appears at bind(), a moment before charon listens on it
     v = tb.vici(node)
@@ -399,7 +459,7 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
                 raise
             time.sleep(0.05)
     try:
-        v.wait_ready(10)
+        v.wait_ready(max(10.0, deadline - time.monotonic()))
         # secrets first, so an initiator that starts on load-conns finds its PSK
         for site in psk_sites:
             kv = store.get(f"{TESTBED_ETCD_PREFIX}{st.name}/sites/{site}/psk")
@@ -411,7 +471,7 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
         v.close()
     res = subprocess.run(
         [SWANCTL, "--load-conns", "--file", str(files.swanctl_conf), "--uri", files.vici_uri],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=max(30.0, wait_s),
         env={"STRONGSWAN_CONF": str(files.strongswan_conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     if res.returncode != 0:
@@ -441,10 +501,11 @@ def _publish_vnet_directory(tb: Testbed, store: Any) -> None:
 
 def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
     topo = tb.topology
+    timeout = max(60.0, tb.timings.daemon_start_s)  # each a fresh Python process
     _publish_vnet_directory(tb, store)
     for t in topo.tenants:
         protego_cli(tb, "tenant", "add", t.name, "--vni", str(t.vni), "--network", str(t.network),
-                    "--vip", str(t.vip))
+                    "--vip", str(t.vip), timeout=timeout)
     for s in topo.sites:
         kv = store.get(f"{TESTBED_ETCD_PREFIX}{tb.name}/sites/{s.name}/psk")
         if kv is None:
@@ -452,7 +513,8 @@ def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
         extra = ["--rekey-time", f"{s.rekey_time}s"] if s.rekey_time else []
         protego_cli(tb, "tunnel", "add", f"{s.tenant}/{s.name}", "--remote-addrs", str(s.public),
                     "--remote-ts", str(s.network), "--ike-proposals", s.ike_proposal,
-                    "--esp-proposals", s.esp_proposal, *extra, "--psk-file", "-", stdin=kv.value)
+                    "--esp-proposals", s.esp_proposal, *extra, "--psk-file", "-", stdin=kv.value,
+                    timeout=timeout)
 
 
 def gmn_paths(tb: Testbed, node: str) -> tuple[Path, Path, Path]:
@@ -490,25 +552,38 @@ def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: 
 
 def _start_lb(tb: Testbed) -> None:
     args = ["lb", "run", "--role", "both", "--node", "lb", "--hb-bind", fabric_addr(tb, "lb"),
-            "--hb-interval-ms", str(HB_INTERVAL_MS), "--cleanup-on-exit"]
+            "--hb-interval-ms", f"{tb.timings.hb_interval_ms:g}", "--hb-misses", str(tb.timings.hb_misses),
+            "--cleanup-on-exit"]
     for e in tb.state.etcd_endpoints:
         args += ["--etcd", e]
     # no --vip: the GIN learns every tenant's VIP from etcd (tenants/<t>)
     _start_agent(tb, "lb", "lb-agent", args)
 
 
-def _wait_registered(tb: Testbed, store: Any, gpns: list[str], timeout: float = 30.0) -> None:
+def poll_interval(timeout: float, floor: float) -> float:
+    """How often a wait of ``timeout`` seconds asks an etcd or a charon: ``floor`` for
+    this host's waits (up to 300 ``floor``), rarer for the longer waits of a slower
+    machine (at most once a second), where every question costs the daemons that are
+    still starting CPU."""
+    return min(1.0, max(floor, timeout / 300))
+
+
+def _wait_registered(tb: Testbed, store: Any, gpns: list[str], timeout: float) -> dict[str, str]:
+    """Wait until every GPN agent registered; the backend each registered with."""
     deadline = time.monotonic() + timeout
+    interval = poll_interval(timeout, 0.1)
     while True:
-        missing = [g for g in gpns if store.get(f"/protego/v1/gpn/nodes/{g}") is None]
+        records = {g: store.get_json(f"/protego/v1/gpn/nodes/{g}") for g in gpns}
+        missing = [g for g, rec in records.items() if rec is None]
         if not missing:
-            return
+            return {g: str(rec.get("backend", "?")) for g, rec in records.items()}
         for rec in tb.state.procs:
             if rec.kind in ("gpn-agent", "lb-agent") and not procs.is_alive(rec):
                 raise TestbedError(f"{rec.kind} on {rec.node} exited during start-up (see {rec.log})")
         if time.monotonic() > deadline:
-            raise TestbedError(f"GPNs {', '.join(missing)} did not register within {timeout:.0f} s")
-        time.sleep(0.1)
+            raise TestbedError(f"GPNs {', '.join(missing)} did not register within {timeout:.0f} s "
+                               "([timings].daemon_start_s)")
+        time.sleep(interval)
 
 
 def _start_gmn(tb: Testbed, node: str) -> None:
@@ -523,9 +598,8 @@ def _start_gmn(tb: Testbed, node: str) -> None:
     agent = _start_agent(tb, node, "gmn-agent", ["gmn", "run", "--node", node, "--vici", str(vici_sock),
                                                   "--plugin-socket", str(plugin_sock),
                                                   "--fabric-addr", fabric_addr(tb, node),
-                                                  # etcd's shortest lease (its default election timeout)
-                                                  "--lease-ttl", str(GMN_LEASE_TTL)], rt=True)
-    _wait_path(plugin_sock, agent, f"the gmn agent on {node}")
+                                                  "--lease-ttl", str(tb.timings.gmn_lease_ttl)], rt=True)
+    _wait_path(plugin_sock, agent, f"the gmn agent on {node}", tb.timings.daemon_start_s)
     start_gmn_charon(tb, node)
 
 
@@ -548,17 +622,17 @@ def start_gmn_charon(tb: Testbed, node: str) -> procs.ProcRecord:
     )
     st.procs.append(charon)
     st.save()
-    _wait_path(vici_sock, charon, f"charon on {node}")
+    _wait_path(vici_sock, charon, f"charon on {node}", tb.timings.daemon_start_s)
     return charon
 
 
-def _wait_path(path: Path, rec: Any, what: str, timeout: float = 20.0) -> None:
+def _wait_path(path: Path, rec: Any, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if not procs.is_alive(rec):
             raise TestbedError(f"{what} exited during start-up (see {rec.log})")
         if time.monotonic() > deadline:
-            raise TestbedError(f"{what} did not create {path} within {timeout:.0f} s")
+            raise TestbedError(f"{what} did not create {path} within {timeout:.0f} s ([timings].daemon_start_s)")
         time.sleep(0.05)
 
 
@@ -583,8 +657,12 @@ def site_tunnels(tb: Testbed) -> dict[str, dict[str, Any]]:
     return out
 
 
-def wait_for_tunnels(tb: Testbed, timeout: float) -> None:
+def wait_for_tunnels(tb: Testbed, timeout: float | None = None) -> None:
+    """Wait until every site's CHILD_SA is installed (``timeout``: default the
+    topology's ``[timings].tunnel_wait_s``)."""
+    timeout = tb.timings.tunnel_wait_s if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    interval = poll_interval(timeout, 0.2)
     while True:
         tunnels = site_tunnels(tb)
         down_ = [n for n, t in tunnels.items() if t.get("child_state") != "INSTALLED"]
@@ -595,7 +673,7 @@ def wait_for_tunnels(tb: Testbed, timeout: float) -> None:
                 raise TestbedError(f"charon on {rec.node} exited (see {rec.log})")
         if time.monotonic() > deadline:
             raise TestbedError(f"tunnels of sites {', '.join(down_)} not up within {timeout:.0f} s")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 # ----------------------------------------------------------------------------
@@ -681,6 +759,7 @@ def status(name: str) -> dict[str, Any]:
     }
     return {
         "name": st.name, "mode": st.mode, "phase": st.phase, "topology": st.topology_source,
+        "site_esp": SITE_ESP_LABELS[tb.site_esp], "gpn_backends": tb.gpn_backends,
         "state_dir": str(st.root), "logs": str(st.logs), "mgmt_subnet": str(mgmt_subnet(st.mgmt_index)),
         "etcd": etcd, "nodes": nodes, "tunnels": site_tunnels(tb) if st.phase == "up" else {},
     }

@@ -2,8 +2,10 @@
 
 Parsing and validation are pure: a topology is rejected with one clear message
 naming the place (file, section, entry, field) before anything is created.
-The format is documented in ``docs/testbed.md``; the default ships as
-``protego/data/topology-default.toml``.
+The format is documented in ``docs/testbed.md``. Packaged topologies are loaded by
+name: ``default`` (``protego/data/topology-default.toml``) and ``lane`` (the same
+tenants and sites with timings relaxed for the kernel lane's emulated guest,
+``protego/data/topology-lane.toml``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ TESTBED_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 DEFAULT_IKE_PROPOSAL = "aes128gcm16-prfsha256-ecp256"
 DEFAULT_ESP_PROPOSAL = "aes128gcm16"
 _PROPOSAL_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+# the GPN agent's data-path backends (``protego gpn run --backend``)
+GPN_BACKENDS = ("userspace", "xfrm", "auto")
+# topologies shipped in protego/data/topology-<name>.toml, loaded by name
+BUILTIN_TOPOLOGIES = ("default", "lane")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,27 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """How often and how long the testbed's daemons are given (``[timings]``).
+
+    The defaults suit the project's 2-CPU host. Every role shares its CPUs, so the
+    GIN/GEN probes each GPN every 50 ms (the lb agent's own default is 10 ms, which a
+    busy Python GPN misses under load); a GMN cut off from etcd is replaced after the
+    shortest lease etcd grants. An emulated guest (the lane topology) needs all of
+    them relaxed: its daemons start and answer 10-50 times slower.
+    """
+
+    hb_interval_ms: float = 50.0  # the GIN/GEN probes every GPN at least this often
+    hb_misses: int = 3  # consecutive missed heartbeats that declare a GPN dead
+    gmn_lease_ttl: int = 2  # s: the GMN's leadership lease in etcd
+    daemon_start_s: float = 30.0  # s: every start-up wait (charon's VICI, agents' sockets, GPN registration)
+    tunnel_wait_s: float = 60.0  # s: until every site's tunnel is up (baseline up, demo)
+
+
+DEFAULT_TIMINGS = Timings()
+
+
+@dataclass(frozen=True)
 class Topology:
     source: str = field(compare=False)
     etcd_members: int
@@ -63,6 +91,9 @@ class Topology:
     fabric: IPv4Network
     tenants: tuple[Tenant, ...]
     sites: tuple[Site, ...]
+    timings: Timings = DEFAULT_TIMINGS
+    # the backend of each GPN (gpn1 first); empty: the one ``testbed up --backend`` names
+    gpn_backends: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def tenant(self, name: str) -> Tenant:
@@ -79,20 +110,44 @@ class Topology:
 # loading
 
 
+def builtin_topology_text(name: str) -> str:
+    if name not in BUILTIN_TOPOLOGIES:
+        raise ConfigError(f"no packaged topology named {name!r} (packaged: {', '.join(BUILTIN_TOPOLOGIES)})")
+    return (resources.files("protego") / "data" / f"topology-{name}.toml").read_text()
+
+
 def default_topology_text() -> str:
-    return (resources.files("protego") / "data" / "topology-default.toml").read_text()
+    return builtin_topology_text("default")
+
+
+def builtin_source(name: str) -> str:
+    """The ``source`` of a packaged topology (what error messages and state records show)."""
+    return f"<{name} topology>"
 
 
 def load_topology(path: str | Path | None = None) -> Topology:
-    """Load and validate a topology file (the packaged default when ``path`` is None)."""
+    """Load and validate a topology: ``None`` is the packaged default; a bare name of
+    :data:`BUILTIN_TOPOLOGIES` (a ``str`` such as ``"lane"``, no directory, no suffix)
+    is that packaged topology, also when a file of that name exists here (say
+    ``./lane`` for the file); anything else is a file."""
     if path is None:
-        return parse_topology(default_topology_text(), source="<default topology>")
+        path = "default"
+    if isinstance(path, str) and path in BUILTIN_TOPOLOGIES:
+        return parse_topology(builtin_topology_text(path), source=builtin_source(path))
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read topology: {exc.strerror}") from None
     return parse_topology(text, source=str(p))
+
+
+def load_topology_source(source: str) -> Topology:
+    """Load the topology a testbed was built from, by its recorded ``source``."""
+    for name in BUILTIN_TOPOLOGIES:
+        if source == builtin_source(name):
+            return load_topology(name)
+    return load_topology(Path(source))
 
 
 class _Ctx:
@@ -170,6 +225,43 @@ def _hosts(ctx: _Ctx, where: str, value: Any, net: IPv4Network, gw: IPv4Address)
     return tuple(out)
 
 
+def _number(ctx: _Ctx, where: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ctx.fail(where, f"expected a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ctx.fail(where, f"{value} is out of range {lo:g}..{hi:g}")
+    return float(value)
+
+
+def _timings(ctx: _Ctx, table: Any) -> Timings:
+    d = DEFAULT_TIMINGS
+    _check_fields(ctx, "[timings]", table, set(),
+                  {"hb_interval_ms", "hb_misses", "gmn_lease_ttl", "daemon_start_s", "tunnel_wait_s"})
+    return Timings(
+        hb_interval_ms=_number(ctx, "[timings].hb_interval_ms", table.get("hb_interval_ms", d.hb_interval_ms),
+                               1, 10000),
+        hb_misses=_int(ctx, "[timings].hb_misses", table.get("hb_misses", d.hb_misses), 1, 100),
+        # the GMN agent's --lease-ttl range (etcd grants no shorter lease than 2 s)
+        gmn_lease_ttl=_int(ctx, "[timings].gmn_lease_ttl", table.get("gmn_lease_ttl", d.gmn_lease_ttl), 2, 60),
+        daemon_start_s=_number(ctx, "[timings].daemon_start_s", table.get("daemon_start_s", d.daemon_start_s),
+                               1, 3600),
+        tunnel_wait_s=_number(ctx, "[timings].tunnel_wait_s", table.get("tunnel_wait_s", d.tunnel_wait_s),
+                              1, 3600),
+    )
+
+
+def _gpn_backends(ctx: _Ctx, value: Any, gpns: int) -> tuple[str, ...]:
+    where = "[testbed].gpn_backends"
+    if not isinstance(value, list):
+        raise ctx.fail(where, f"expected a list of backends, one per GPN, got {value!r}")
+    if len(value) != gpns:
+        raise ctx.fail(where, f"{len(value)} backends for {gpns} GPNs (one per GPN: [testbed].gpns)")
+    for i, b in enumerate(value):
+        if b not in GPN_BACKENDS:
+            raise ctx.fail(f"{where}[{i}]", f"unknown backend {b!r} (expected one of {', '.join(GPN_BACKENDS)})")
+    return tuple(value)
+
+
 def _proposal(ctx: _Ctx, where: str, value: Any) -> str:
     if not isinstance(value, str) or not _PROPOSAL_RE.match(value):
         raise ctx.fail(where, f"malformed proposal {value!r}")
@@ -188,14 +280,16 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
 
-    _check_fields(ctx, "top level", doc, {"tenants", "sites"}, {"testbed", "internet", "fabric"})
+    _check_fields(ctx, "top level", doc, {"tenants", "sites"}, {"testbed", "internet", "fabric", "timings"})
 
     tb = doc.get("testbed", {})
-    _check_fields(ctx, "[testbed]", tb, set(), {"etcd_members", "gpns"})
+    _check_fields(ctx, "[testbed]", tb, set(), {"etcd_members", "gpns", "gpn_backends"})
     etcd_members = _int(ctx, "[testbed].etcd_members", tb.get("etcd_members", 1), 1, 3)
     if etcd_members == 2:
         raise ctx.fail("[testbed].etcd_members", "must be 1 or 3 (2 members cannot lose one)")
     gpns = _int(ctx, "[testbed].gpns", tb.get("gpns", 2), 1, 16)
+    gpn_backends = _gpn_backends(ctx, tb["gpn_backends"], gpns) if "gpn_backends" in tb else ()
+    timings = _timings(ctx, doc.get("timings", {}))
 
     inet = doc.get("internet", {})
     _check_fields(ctx, "[internet]", inet, set(), {"prefix", "router", "gin"})
@@ -305,7 +399,8 @@ def parse_topology(text: str, source: str = "<topology>") -> Topology:
     if fabric.num_addresses < needed:
         raise ctx.fail("[fabric].prefix", f"{fabric} is too small for {needed} nodes")
     # baseline gateways take internet addresses after the GIN: make sure they are free
-    topo = Topology(source, etcd_members, gpns, internet, router, gin, fabric, tuple(tenants), tuple(sites))
+    topo = Topology(source, etcd_members, gpns, internet, router, gin, fabric, tuple(tenants), tuple(sites),
+                    timings=timings, gpn_backends=gpn_backends)
     for t_index, t in enumerate(topo.tenants):
         addr = baseline_public(topo, t_index)
         if addr in public:

@@ -201,8 +201,8 @@ def test_a_failed_up_keeps_the_dead_charons_log_and_shows_its_last_lines(
     name = unique_name("f")
     real = tbmod.strongswan_conf
 
-    def without_openssl(files, log_path):  # type: ignore[no-untyped-def]
-        return real(files, log_path).replace(" openssl ", " ")
+    def without_openssl(files, log_path, *esp):  # type: ignore[no-untyped-def]
+        return real(files, log_path, *esp).replace(" openssl ", " ")
 
     monkeypatch.setattr(tbmod, "strongswan_conf", without_openssl)
     with pytest.raises(TestbedError) as info:

@@ -7,9 +7,18 @@ from collections import Counter
 
 import pytest
 
-from protego.testbed.plan import build_plan, mgmt_subnet
-from protego.testbed.strongswan import CharonFiles, baseline_swanctl_conf, site_swanctl_conf, strongswan_conf
-from protego.testbed.topology import load_topology
+from protego.errors import ConfigError, TestbedError
+from protego.testbed.plan import build_plan, describe_backends, gpn_backends, mgmt_subnet
+from protego.testbed.strongswan import (
+    KERNEL_PLUGINS,
+    LIBIPSEC_PLUGINS,
+    CharonFiles,
+    baseline_swanctl_conf,
+    choose_site_esp,
+    site_swanctl_conf,
+    strongswan_conf,
+)
+from protego.testbed.topology import default_topology_text, load_topology, parse_topology
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +124,63 @@ def test_strongswan_config_has_no_secret_and_libipsec_first(topo, tmp_path) -> N
     s = topo.sites[0]
     text = site_swanctl_conf(s, topo.tenant(s.tenant))
     assert f"remote_addrs = {topo.tenant(s.tenant).vip}" in text and "start_action = start" in text
+
+
+def _load_list(conf: str) -> list[str]:
+    load = next(line for line in conf.splitlines() if line.strip().startswith("load ="))
+    return load.split("=", 1)[1].split()
+
+
+def test_site_esp_chooses_the_plugin_list(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    files = CharonFiles(tmp_path)
+    libipsec = _load_list(strongswan_conf(files, tmp_path / "x.log"))  # the default: today's peers
+    assert libipsec == LIBIPSEC_PLUGINS.split()
+    kernel = _load_list(strongswan_conf(files, tmp_path / "x.log", "kernel"))
+    assert kernel == KERNEL_PLUGINS.split()
+    # the kernel's XFRM through kernel-netlink: no userspace ESP, no TUN, no unused updown
+    assert "kernel-netlink" in kernel and "kernel-libipsec" not in kernel and "updown" not in kernel
+    assert {"kdf", "openssl", "vici", "socket-default"} <= set(kernel)
+    # the rest of the two configurations is the same
+    conf_l = strongswan_conf(files, tmp_path / "x.log", "libipsec").replace(LIBIPSEC_PLUGINS, "X")
+    conf_k = strongswan_conf(files, tmp_path / "x.log", "kernel").replace(KERNEL_PLUGINS, "X")
+    assert conf_l == conf_k
+    with pytest.raises(ValueError):
+        strongswan_conf(files, tmp_path / "x.log", "tun")  # type: ignore[arg-type]
+
+
+def test_site_esp_follows_the_kernel_unless_overridden() -> None:
+    asked: list[int] = []
+
+    def probe(answer: bool):  # type: ignore[no-untyped-def]
+        def ask() -> bool:
+            asked.append(1)
+            return answer
+        return ask
+
+    assert choose_site_esp(None, probe(True)) == "kernel"
+    assert choose_site_esp("auto", probe(False)) == "libipsec"
+    assert choose_site_esp("", probe(True)) == "kernel"
+    assert len(asked) == 3
+    assert choose_site_esp("libipsec", probe(True)) == "libipsec"
+    assert choose_site_esp("kernel", probe(False)) == "kernel"  # preflight then refuses a kernel without ESP
+    assert len(asked) == 3  # an explicit choice asks nothing
+    with pytest.raises(TestbedError, match="PROTEGO_TESTBED_SITE_ESP='xfrm': expected one of libipsec, kernel"):
+        choose_site_esp("xfrm", probe(True))
+
+
+def test_gpn_backends_cli_then_topology_then_userspace(topo) -> None:  # type: ignore[no-untyped-def]
+    assert gpn_backends(topo) == {"gpn1": "userspace", "gpn2": "userspace"}
+    assert gpn_backends(topo, "auto") == {"gpn1": "auto", "gpn2": "auto"}
+    mixed = parse_topology(default_topology_text().replace(
+        "gpns = 2 ", 'gpns = 2\ngpn_backends = ["xfrm", "userspace"] '))
+    assert gpn_backends(mixed) == {"gpn1": "xfrm", "gpn2": "userspace"}
+    assert gpn_backends(mixed, "userspace") == {"gpn1": "userspace", "gpn2": "userspace"}
+    with pytest.raises(ConfigError, match="--backend 'kernel'"):
+        gpn_backends(topo, "kernel")
+
+
+def test_the_progress_line_names_the_real_backends() -> None:
+    assert describe_backends({"gpn1": "userspace", "gpn2": "userspace"}) == "userspace ESP engine"
+    assert describe_backends({"gpn1": "xfrm", "gpn2": "xfrm"}) == "kernel XFRM"
+    assert describe_backends({"gpn1": "xfrm", "gpn2": "userspace"}) == \
+        "gpn1: kernel XFRM, gpn2: userspace ESP engine"

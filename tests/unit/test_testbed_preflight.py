@@ -7,6 +7,7 @@ import pytest
 from protego.errors import TestbedError
 from protego.testbed import preflight
 from protego.testbed.demo import format_table, row_failed
+from protego.xfrm import EspProbeResult
 
 
 def test_missing_programs_are_named_with_their_packages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +42,43 @@ def test_without_modprobe_the_hint_names_kmod(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(TestbedError, match="no modprobe .Debian package kmod."):
         preflight.check(need_tun=True)
     preflight.check(need_tun=False)  # tun only matters to kernel-libipsec charons
+
+
+def test_kernel_paths_decide_the_kernel_features() -> None:
+    assert preflight.kernel_features("libipsec", ["userspace", "auto"]) == ()
+    [esp] = preflight.kernel_features("kernel", ["userspace"])
+    assert esp.name == "esp" and esp.what == "the sites' strongSwan kernel-netlink"
+    assert "esp4" in esp.modules and "xfrm_user" in esp.modules
+    names = [f.name for f in preflight.kernel_features("libipsec", ["xfrm", "userspace"])]
+    assert names == ["esp", "xfrm_interface", "vrf", "macvlan"]
+    esp = preflight.kernel_features("kernel", ["xfrm"])[0]
+    assert esp.what == "the sites' strongSwan kernel-netlink and the xfrm GPNs"
+    # every feature but ESP (asked of the probe) and TUN (a device file) is tried in the scratch namespace
+    for f in preflight.kernel_features("kernel", ["xfrm"])[1:] + preflight.BASE_FEATURES:
+        assert preflight._SCRATCH_TESTS[f.name]
+
+
+NO_ESP = EspProbeResult(False, "userspace", "kernel has no ESP", 38,
+                        {"aes128gcm16": 38, "aes128-sha256": 93})
+
+
+def test_kernel_esp_is_asked_of_the_probe_and_named_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[list[str]] = []
+    monkeypatch.setattr(preflight, "missing_programs", lambda programs=preflight.PROGRAMS: [])
+    monkeypatch.setattr(preflight, "load_modules", lambda mods: list(mods))
+    monkeypatch.setattr(preflight, "_try_in_scratch_netns", lambda feats: tried.append([f.name for f in feats]) or {})
+    monkeypatch.setattr(preflight, "modprobe_path", lambda: "/usr/sbin/modprobe")
+    monkeypatch.setattr(preflight, "probe_esp", lambda: pytest.fail("the default probe must not run"))
+    with pytest.raises(TestbedError) as info:
+        preflight.check(need_tun=False, extra=preflight.kernel_features("kernel", ["xfrm"]),
+                        esp_probe=lambda: NO_ESP)
+    msg = str(info.value)
+    assert ("esp (for the sites' strongSwan kernel-netlink and the xfrm GPNs): the kernel refused an ESP SA "
+            "(aes128gcm16 ENOSYS, aes128-sha256 EPROTONOSUPPORT)") in msg
+    assert tried[-1] == ["veth", "vxlan", "nftables", "xfrm_interface", "vrf", "macvlan"]
+    ok = EspProbeResult(True, "xfrm", "kernel ESP available", None, {"aes128gcm16": 0})
+    preflight.check(need_tun=False, extra=preflight.kernel_features("kernel", []), esp_probe=lambda: ok)
+    preflight.check(need_tun=False)  # no kernel path: no probe at all
 
 
 def _row(**kw: object) -> dict[str, object]:

@@ -56,3 +56,14 @@ def test_pin_tasks_moves_every_thread_of_a_running_process() -> None:
         p.kill()
         p.wait()
     tbmod.pin_tasks(p.pid, [cpus[-1]])  # gone: nothing to do, no error
+
+
+def test_waits_poll_as_before_on_this_host_and_rarer_for_the_lane() -> None:
+    from protego.testbed.testbed import poll_interval
+    from protego.testbed.topology import DEFAULT_TIMINGS, load_topology
+
+    assert poll_interval(DEFAULT_TIMINGS.daemon_start_s, 0.1) == 0.1  # GPN registration
+    assert poll_interval(DEFAULT_TIMINGS.tunnel_wait_s, 0.2) == 0.2  # every site's tunnel
+    lane = load_topology("lane").timings
+    assert 0.1 < poll_interval(lane.daemon_start_s, 0.1) <= 1.0
+    assert poll_interval(lane.tunnel_wait_s, 0.2) == 1.0

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 
 import pytest
 
 from protego.errors import ConfigError
-from protego.testbed.topology import default_topology_text, load_topology, parse_topology
+from protego.testbed.topology import (
+    DEFAULT_TIMINGS,
+    Timings,
+    builtin_topology_text,
+    default_topology_text,
+    load_topology,
+    load_topology_source,
+    parse_topology,
+)
 
 MINIMAL = """
 [[tenants]]
@@ -161,3 +170,73 @@ def test_default_text_round_trips() -> None:
 def test_unreadable_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="cannot read topology"):
         load_topology(tmp_path / "missing.toml")
+
+
+# ----------------------------------------------------------------------------
+# [timings] and [testbed].gpn_backends
+
+
+def test_timings_default_to_the_hosts_values() -> None:
+    t = parse_topology(MINIMAL).timings
+    assert t == DEFAULT_TIMINGS
+    assert (t.hb_interval_ms, t.hb_misses, t.gmn_lease_ttl) == (50, 3, 2)
+    assert t.daemon_start_s == 30 and t.tunnel_wait_s == 60
+    # the default file writes the defaults out
+    assert load_topology(None).timings == DEFAULT_TIMINGS
+
+
+def test_timings_are_read() -> None:
+    topo = parse_topology("[timings]\nhb_interval_ms = 500\nhb_misses = 5\ngmn_lease_ttl = 5\n"
+                          "daemon_start_s = 90.5\ntunnel_wait_s = 180\n" + MINIMAL)
+    assert topo.timings == Timings(hb_interval_ms=500, hb_misses=5, gmn_lease_ttl=5, daemon_start_s=90.5,
+                                   tunnel_wait_s=180)
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("hb_interval_ms = 0", "[timings].hb_interval_ms: 0 is out of range 1..10000"),
+    ("hb_interval_ms = \"50\"", "[timings].hb_interval_ms: expected a number, got '50'"),
+    ("hb_misses = 0", "[timings].hb_misses: 0 is out of range 1..100"),
+    ("hb_misses = 2.5", "[timings].hb_misses: expected an integer, got 2.5"),
+    ("gmn_lease_ttl = 1", "[timings].gmn_lease_ttl: 1 is out of range 2..60"),
+    ("daemon_start_s = true", "[timings].daemon_start_s: expected a number, got True"),
+    ("tunnel_wait_s = -1", "[timings].tunnel_wait_s: -1 is out of range 1..3600"),
+    ("hb_interval = 50", "[timings]: unknown field 'hb_interval' (allowed: daemon_start_s, gmn_lease_ttl, "
+                         "hb_interval_ms, hb_misses, tunnel_wait_s)"),
+])
+def test_bad_timings_name_the_field(line: str, expected: str) -> None:
+    assert _err(f"[timings]\n{line}\n" + MINIMAL) == f"topo.toml: {expected}"
+
+
+def test_gpn_backends_one_per_gpn() -> None:
+    topo = parse_topology('[testbed]\ngpns = 2\ngpn_backends = ["xfrm", "userspace"]\n' + MINIMAL)
+    assert topo.gpn_backends == ("xfrm", "userspace")
+    assert parse_topology(MINIMAL).gpn_backends == ()
+    msg = _err('[testbed]\ngpns = 2\ngpn_backends = ["xfrm"]\n' + MINIMAL)
+    assert msg == "topo.toml: [testbed].gpn_backends: 1 backends for 2 GPNs (one per GPN: [testbed].gpns)"
+    msg = _err('[testbed]\ngpns = 2\ngpn_backends = ["xfrm", "kernel"]\n' + MINIMAL)
+    assert msg == ("topo.toml: [testbed].gpn_backends[1]: unknown backend 'kernel' "
+                   "(expected one of userspace, xfrm, auto)")
+    assert "[testbed].gpn_backends: expected a list" in _err('[testbed]\ngpn_backends = "xfrm"\n' + MINIMAL)
+
+
+def test_packaged_topologies_load_by_name() -> None:
+    lane = load_topology("lane")
+    default = load_topology("default")
+    assert lane.source == "<lane topology>" and default.source == "<default topology>"
+    assert load_topology_source(lane.source) == lane
+    assert load_topology_source(default.source) == default == load_topology(None)
+    # the lane is the default's deployment with relaxed timings
+    assert dataclasses.replace(lane, timings=DEFAULT_TIMINGS) == default
+    t = lane.timings
+    assert t.hb_interval_ms >= 500 and t.gmn_lease_ttl >= 5 and t.daemon_start_s >= 90
+    assert t.tunnel_wait_s >= t.daemon_start_s
+    with pytest.raises(ConfigError, match="no packaged topology named 'nope'"):
+        builtin_topology_text("nope")
+
+
+def test_a_path_is_always_a_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lane").write_text(MINIMAL)
+    assert load_topology("lane").source == "<lane topology>"  # the bare name: the packaged one
+    assert load_topology("./lane").tenants[0].name == "a"
+    assert load_topology(tmp_path / "lane").source == str(tmp_path / "lane")
