@@ -382,14 +382,12 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
             store.put(f"{TESTBED_ETCD_PREFIX}{st.name}/sites/{s.name}/psk", secrets.token_urlsafe(32).encode())
         if plan.mode == "baseline":
             progress(f"starting {len(topo.tenants)} baseline gateways (strongSwan, {SITE_ESP_LABELS[tb.site_esp]})")
-            for ch in plan.charons:
-                if ch.kind == "baseline":
-                    _start_charon(tb, ch.node, baseline_swanctl_conf(topo, topo.tenant(ch.tenant)),
-                                  [s.name for s in topo.sites_of(ch.tenant)], store)
+            _start_charons(tb, [(ch.node, baseline_swanctl_conf(topo, topo.tenant(ch.tenant)),
+                                 [s.name for s in topo.sites_of(ch.tenant)]) for ch in plan.charons
+                                if ch.kind == "baseline" and ch.tenant is not None], store)
         if plan.mode == "protego":
-            progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
-            for node in ("gmn1", "gmn2"):
-                _start_gmn(tb, node)
+            # the GPN and GIN/GEN agents start first: they need only etcd, and their start-up
+            # overlaps the GMNs' (each start is seconds of imports on a slow machine)
             backends = tb.gpn_backends
             progress(f"starting {topo.gpns} GPN agents ({describe_backends(backends)}) and the GIN/GEN agent")
             for n in tb.plan.namespaces:
@@ -400,6 +398,9 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
                                                            *(["--worker-cpus", cpu_list(split["data"])]
                                                              if split else [])])
             _start_lb(tb)
+            progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
+            for node in ("gmn1", "gmn2"):
+                _start_gmn(tb, node)
             running = _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"],
                                        tb.timings.daemon_start_s)
             if running != backends:  # auto: what each agent chose
@@ -407,11 +408,10 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
             progress(f"creating {len(topo.tenants)} tenants and {len(topo.sites)} tunnels with the protego CLI")
             _create_tenants_and_tunnels(tb, store)
         progress(f"starting {len(topo.sites)} site gateways (strongSwan, {SITE_ESP_LABELS[tb.site_esp]})")
-        for ch in plan.charons:
-            if ch.kind == "site":
-                assert ch.site is not None
-                site = next(s for s in topo.sites if s.name == ch.site)
-                _start_charon(tb, ch.node, site_swanctl_conf(site, topo.tenant(site.tenant)), [site.name], store)
+        sites = {s.name: s for s in topo.sites}
+        _start_charons(tb, [(ch.node, site_swanctl_conf(sites[ch.site], topo.tenant(sites[ch.site].tenant)),
+                             [ch.site]) for ch in plan.charons if ch.kind == "site" and ch.site is not None],
+                       store)
     finally:
         store.close()
 
@@ -423,7 +423,16 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
     progress(f"testbed '{st.name}' is up in {time.monotonic() - t0:.1f} s")
 
 
-def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str], store: Any) -> None:
+def _start_charons(tb: Testbed, charons: list[tuple[str, str, list[str]]], store: Any) -> None:
+    """Start the strongSwan charons ``(node, swanctl.conf text, sites whose PSK it holds)``
+    side by side (each takes tens of seconds to start on a slow machine), then configure
+    each one as soon as it listens."""
+    recs = [_spawn_charon(tb, node, text) for node, text, _sites in charons]
+    for (node, _text, sites), rec in zip(charons, recs, strict=True):
+        _configure_charon(tb, node, rec, sites, store)
+
+
+def _spawn_charon(tb: Testbed, node: str, swanctl_text: str) -> procs.ProcRecord:
     st = tb.state
     files = tb.charon_files(node)
     files.conf_dir.mkdir(parents=True, exist_ok=True)
@@ -437,6 +446,14 @@ def _start_charon(tb: Testbed, node: str, swanctl_text: str, psk_sites: list[str
     )
     st.procs.append(rec)
     st.save()
+    return rec
+
+
+def _configure_charon(tb: Testbed, node: str, rec: procs.ProcRecord, psk_sites: list[str], store: Any) -> None:
+    """Wait for a started charon's VICI socket; load its PSKs and connections."""
+    st = tb.state
+    files = tb.charon_files(node)
+    log_path = st.logs / f"{node}.charon.log"
     wait_s = tb.timings.daemon_start_s
     deadline = time.monotonic() + wait_s
     while not files.vici_socket.exists():
@@ -499,22 +516,53 @@ def _publish_vnet_directory(tb: Testbed, store: Any) -> None:
         store.put_json(f"/protego/v1/vnet/{x.vni}/{ip}", {"mac": x.mac, "vtep": x.local, "tenant": node.tenant})
 
 
+def protego_cli_many(tb: Testbed, calls: list[tuple[list[str], bytes | None]], timeout: float = 60) -> None:
+    """Several protego CLI commands ``(args, stdin)`` against the testbed's etcd, side by
+    side (each is a fresh Python process: seconds on a slow machine). Any failure is
+    raised once all have finished."""
+    running = []
+    for args, stdin in calls:
+        p = subprocess.Popen([sys.executable, "-m", "protego", "--etcd", ",".join(tb.state.etcd_endpoints), *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        running.append((args, p, stdin))
+    errors = []
+    for args, p, stdin in running:
+        try:
+            _out, err = p.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            errors.append(f"protego {' '.join(args[:3])}: no answer within {timeout:.0f} s")
+            continue
+        if p.returncode != 0:
+            errors.append(f"protego {' '.join(args[:3])} failed: {err.decode(errors='replace').strip()}")
+    if errors:
+        raise TestbedError("; ".join(errors))
+
+
 def _create_tenants_and_tunnels(tb: Testbed, store: Any) -> None:
+    """As an operator would, with the CLI: every tenant at once, then each tenant's tunnels
+    (one tenant's tunnels one after another: their selectors are checked against each
+    other)."""
     topo = tb.topology
     timeout = max(60.0, tb.timings.daemon_start_s)  # each a fresh Python process
     _publish_vnet_directory(tb, store)
+    protego_cli_many(tb, [(["tenant", "add", t.name, "--vni", str(t.vni), "--network", str(t.network),
+                            "--vip", str(t.vip)], None) for t in topo.tenants], timeout)
+    rounds: list[list[tuple[list[str], bytes | None]]] = []
     for t in topo.tenants:
-        protego_cli(tb, "tenant", "add", t.name, "--vni", str(t.vni), "--network", str(t.network),
-                    "--vip", str(t.vip), timeout=timeout)
-    for s in topo.sites:
-        kv = store.get(f"{TESTBED_ETCD_PREFIX}{tb.name}/sites/{s.name}/psk")
-        if kv is None:
-            raise TestbedError(f"PSK of site {s.name} missing from etcd")
-        extra = ["--rekey-time", f"{s.rekey_time}s"] if s.rekey_time else []
-        protego_cli(tb, "tunnel", "add", f"{s.tenant}/{s.name}", "--remote-addrs", str(s.public),
-                    "--remote-ts", str(s.network), "--ike-proposals", s.ike_proposal,
-                    "--esp-proposals", s.esp_proposal, *extra, "--psk-file", "-", stdin=kv.value,
-                    timeout=timeout)
+        for i, s in enumerate(topo.sites_of(t.name)):
+            kv = store.get(f"{TESTBED_ETCD_PREFIX}{tb.name}/sites/{s.name}/psk")
+            if kv is None:
+                raise TestbedError(f"PSK of site {s.name} missing from etcd")
+            extra = ["--rekey-time", f"{s.rekey_time}s"] if s.rekey_time else []
+            if len(rounds) <= i:
+                rounds.append([])
+            rounds[i].append((["tunnel", "add", f"{s.tenant}/{s.name}", "--remote-addrs", str(s.public),
+                               "--remote-ts", str(s.network), "--ike-proposals", s.ike_proposal,
+                               "--esp-proposals", s.esp_proposal, *extra, "--psk-file", "-"], kv.value))
+    for calls in rounds:
+        protego_cli_many(tb, calls, timeout)
 
 
 def gmn_paths(tb: Testbed, node: str) -> tuple[Path, Path, Path]:

@@ -8,21 +8,23 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.probe import UdpProbe
-from protego.testbed.topology import load_topology
-from tests.conftest import unique_name
+from protego.testbed.topology import Topology, load_topology
+from tests.conftest import unique_name, wait_until
 
 PREFIX = "/protego/v1/"
 
 
-def default_testbed(prefix: str) -> Iterator[tbmod.Testbed]:
-    """Body of a module fixture: the default topology in protego mode, tunnels up.
-    ``PROTEGO_TEST_KEEP_LOGS=DIR``: the testbed's logs are copied to DIR/<name> first."""
+def default_testbed(prefix: str, topology: Topology | None = None) -> Iterator[tbmod.Testbed]:
+    """Body of a module fixture: the default topology (or ``topology``) in protego mode,
+    tunnels up. ``PROTEGO_TEST_KEEP_LOGS=DIR``: the testbed's logs are copied to
+    DIR/<name> first."""
     name = unique_name(prefix)
-    bed = tbmod.up(load_topology(None), name=name, mode="protego")
+    bed = tbmod.up(topology or load_topology(None), name=name, mode="protego")
     try:
-        tbmod.wait_for_tunnels(bed, 60)
+        tbmod.wait_for_tunnels(bed, bed.timings.tunnel_wait_s)
         yield bed
     finally:
         keep = os.environ.get("PROTEGO_TEST_KEEP_LOGS")
@@ -59,3 +61,25 @@ def site_probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:
     s = next(x for x in tb.topology.sites if x.name == site)
     dst = str(tb.topology.tenant(s.tenant).hosts[0])
     return UdpProbe(tb.ns(f"s-{site}-h1"), tb.ns(f"t-{s.tenant}-h1"), dst, port=port)
+
+
+def rekey_every_child(tb: tbmod.Testbed, timeout: float, step: float = 0.1) -> None:
+    """Ask every site's charon to rekey its CHILD_SA (over VICI); wait until each has."""
+    old = {s: t["spi_in"] for s, t in tbmod.site_tunnels(tb).items()}
+    for s in tb.topology.sites:
+        with tb.vici(f"s-{s.name}") as v:
+            child = next(iter(v.list_sas(s.name)))
+            v.rekey_child(child["child_id"])
+    wait_until(lambda: all(t["spi_in"] != old[s] for s, t in tbmod.site_tunnels(tb).items()), timeout,
+               "every CHILD_SA rekeyed", step=step)
+
+
+def restart_gpn(tb: tbmod.Testbed, rec: Any, alive_within: float, step: float = 0.1) -> None:
+    """Start a killed GPN agent again (same command); wait until the GIN/GEN declares its
+    GPN alive."""
+    new = procs.spawn(rec.node, rec.kind, tb.ns(rec.node), rec.cmd, tb.state.logs / f"{rec.node}.gpn-agent.log")
+    tb.state.procs.append(new)
+    tb.state.save()
+    with tb.etcd() as e:
+        wait_until(lambda: (e.get_json(f"{PREFIX}gpn/health/{rec.node}") or {}).get("state") == "alive",
+                   alive_within, f"{rec.node} to be declared alive again", step=step)

@@ -21,7 +21,8 @@ from protego.testbed import testbed as tbmod
 from protego.testbed.demo import site_traffic
 from protego.testbed.traffic import ping
 from tests.conftest import wait_until
-from tests.integration.system_bed import PREFIX, default_testbed, gpn_counters, ike_spis, records, site_probe
+from tests.integration.system_bed import (PREFIX, default_testbed, gpn_counters, ike_spis, records,
+                                          rekey_every_child, site_probe)
 
 pytestmark = pytest.mark.root
 
@@ -56,13 +57,7 @@ def test_rekey_every_child_sa_under_traffic_loses_nothing(tb: tbmod.Testbed) -> 
     with contextlib.ExitStack() as stack:
         streams = {s.name: stack.enter_context(site_probe(tb, s.name)) for s in tb.topology.sites}
         time.sleep(1)
-        old_children = {s: t["spi_in"] for s, t in tbmod.site_tunnels(tb).items()}
-        for s in tb.topology.sites:
-            with tb.vici(f"s-{s.name}") as v:
-                child = next(iter(v.list_sas(s.name)))
-                v.rekey_child(child["child_id"])
-        wait_until(lambda: all(t["spi_in"] != old_children[s] for s, t in tbmod.site_tunnels(tb).items()), 15,
-                   "every CHILD_SA rekeyed")
+        rekey_every_child(tb, 15)
         time.sleep(7)  # past charon's delete_rekeyed_delay: the old inbound SAs are gone
         results = {site: st.stop() for site, st in streams.items()}
     lost = {site: res.describe() for site, res in results.items() if res.lost}

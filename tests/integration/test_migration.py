@@ -25,7 +25,7 @@ from protego.testbed import testbed as tbmod
 from protego.testbed.traffic import Iperf3Stream, ping
 from tests.conftest import wait_until
 from tests.integration.system_bed import (PREFIX, default_testbed, gpn_counters, ike_spis, placement, records,
-                                          site_probe)
+                                          restart_gpn, site_probe)
 
 pytestmark = pytest.mark.root
 
@@ -206,12 +206,8 @@ def test_kill9_of_a_gpn_engine_moves_its_tunnels_without_renegotiation(tb: tbmod
     print(f"{len(carried)} tunnel(s) back on other GPNs {recovered_s:.2f} s after the kill")
 
     # the GPN comes back: it takes no tunnel until the GIN has seen it healthy, then it can
-    new = procs.spawn(rec.node, rec.kind, tb.ns(rec.node), rec.cmd, tb.state.logs / f"{rec.node}.gpn-agent.log")
-    tb.state.procs.append(new)
-    tb.state.save()
+    restart_gpn(tb, rec, 30)
     with tb.etcd() as e:
-        wait_until(lambda: (e.get_json(f"{PREFIX}gpn/health/{victim}") or {}).get("state") == "alive", 30,
-                   f"{victim} to be declared alive again")
         site = next(s for s in tb.topology.sites if s.name in carried)
         res = migrate(e, site.tenant, site.name, victim, timeout=40)
     assert res.state == "done", res.detail

@@ -175,17 +175,17 @@ def test_down_after_a_crash_uses_the_state_on_disk() -> None:
 def test_failure_half_way_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     name = unique_name("r")
     started: list[int] = []
-    real = tbmod._start_charon
+    real = tbmod._configure_charon
     calls = {"n": 0}
 
-    def failing(tb, node, text, sites, store):  # type: ignore[no-untyped-def]
+    def failing(tb, node, rec, sites, store):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 3:
             started.extend(all_pids(tb))
             raise TestbedError(f"injected failure while starting {node}")
-        real(tb, node, text, sites, store)
+        real(tb, node, rec, sites, store)
 
-    monkeypatch.setattr(tbmod, "_start_charon", failing)
+    monkeypatch.setattr(tbmod, "_configure_charon", failing)
     with pytest.raises(TestbedError, match="rolled back: injected failure") as info:
         tbmod.up(load_topology(None), name=name, mode="baseline")
     shutil.rmtree(str(info.value).rsplit("logs kept in ", 1)[1].strip(), ignore_errors=True)
@@ -225,12 +225,12 @@ def test_a_failed_up_keeps_the_dead_charons_log_and_shows_its_last_lines(
 
 def test_keep_on_failure_leaves_the_failed_testbed_up_for_inspection(monkeypatch: pytest.MonkeyPatch) -> None:
     name = unique_name("k")
-    real = tbmod._start_charon
+    real = tbmod._configure_charon
 
-    def failing(tb, node, text, sites, store):  # type: ignore[no-untyped-def]
+    def failing(tb, node, rec, sites, store):  # type: ignore[no-untyped-def]
         raise TestbedError(f"injected failure while starting {node}")
 
-    monkeypatch.setattr(tbmod, "_start_charon", failing)
+    monkeypatch.setattr(tbmod, "_configure_charon", failing)
     try:
         with pytest.raises(TestbedError, match="kept for inspection"):
             tbmod.up(load_topology(None), name=name, mode="baseline", keep_on_failure=True)
@@ -240,7 +240,7 @@ def test_keep_on_failure_leaves_the_failed_testbed_up_for_inspection(monkeypatch
         assert f"{name}-mgmt" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         pids = [p.pid for p in st.procs]
     finally:
-        monkeypatch.setattr(tbmod, "_start_charon", real)
+        monkeypatch.setattr(tbmod, "_configure_charon", real)
         tbmod.down(name)
     assert leftovers(name, pids, f"pm{name}") == []
 
