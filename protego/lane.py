@@ -73,7 +73,7 @@ DEFAULT_ROOT = Path("/var/lib/protego/lane")
 ROOT_ENV = "PROTEGO_LANE_ROOT"
 GUEST_ENV = "PROTEGO_LANE_GUEST"
 TIMEOUT_ENV = "PROTEGO_LANE_TIMEOUT"
-DEFAULT_TIMEOUT = 1800.0
+DEFAULT_TIMEOUT = 1200.0  # the lane's CI budget: 20 minutes
 
 META_PACKAGE = "linux-image-amd64"
 STAMP = ".protego-lane-kernel"  # in <root>/<kver>/, written after a complete unpack
