@@ -48,7 +48,7 @@ from .engine import EngineStats, gpn_mac
 from .kernel_health import Canary, HealthServer
 from .kernel_model import KernelPlan, PlanDiff, TenantDevices, diff, is_ours, plan, same_policy, same_state
 from .records import GpnSa
-from .tenant import VXLAN_PORT, EgressRoute
+from .tenant import GATEWAY_MAC, VXLAN_PORT, EgressRoute
 
 __all__ = ["KernelConfig", "KernelDataPath", "UDP_ENCAP", "UDP_ENCAP_ESPINUDP"]
 
@@ -190,6 +190,7 @@ class KernelDataPath:
             key = ("in" if g.inbound else "out", g.spi)
             self._sas.pop(key, None)
             self._last.pop(key, None)
+            self._lost.discard((str(g.sa.dst), g.spi))  # gone for good: the SPI may come back one day
             self._touch()
 
     def set_egress(self, routes: list[EgressRoute]) -> None:
@@ -313,8 +314,11 @@ class KernelDataPath:
 
     @staticmethod
     def _device_gone(dev: str, gone: set[int]) -> bool:
-        digits = dev.lstrip("pgvrfxm")
-        return digits.isdigit() and int(digits) in gone
+        """A tenant device (``pgv<vni>``...) of a tenant being removed (it goes with it)."""
+        for p in _OUR_PREFIXES:
+            if dev.startswith(p) and dev[len(p):].isdigit():
+                return int(dev[len(p):]) in gone
+        return False
 
     @staticmethod
     def _ignore_missing(fn: Any) -> None:
@@ -383,7 +387,7 @@ class KernelDataPath:
         ip.link("set", index=self._index(ip, t.vxlan), address=":".join(f"{b:02x}" for b in src_mac))
         ip.link("add", ifname=t.macvlan, kind="macvlan", link=self._index(ip, t.vxlan),
                 macvlan_mode="private")
-        ip.link("set", index=self._index(ip, t.macvlan), address=self._applied.gateway_mac)
+        ip.link("set", index=self._index(ip, t.macvlan), address=":".join(f"{b:02x}" for b in GATEWAY_MAC))
         for name in (t.xfrmi, t.vxlan, t.macvlan):
             # no addresses on these devices: reverse-path filtering would drop every
             # packet they receive (docs/gpn.md)
@@ -473,13 +477,13 @@ class KernelDataPath:
             return p
         return KernelPlan(tenants=p.tenants, states={k: v for k, v in p.states.items() if k not in self._lost},
                           outbound=p.outbound - self._lost, policies=p.policies, routes=p.routes,
-                          neighbours=p.neighbours, fdb=p.fdb, gateway_mac=p.gateway_mac)
+                          neighbours=p.neighbours, fdb=p.fdb)
 
     def _read_back(self, want: KernelPlan) -> KernelPlan:
         """What the kernel holds of ``want`` (in ``want``'s terms), plus stray objects that
         carry our tag (so that :func:`diff` removes them)."""
         assert self._xfrm is not None
-        have = KernelPlan(gateway_mac=want.gateway_mac, outbound=set(want.outbound))
+        have = KernelPlan(outbound=set(want.outbound))
         self._canary_seen = False
         for st in self._xfrm.dump_states():
             self._canary_seen |= Canary.is_canary_state(st)

@@ -33,7 +33,7 @@ from protego.xfrm.convert import state_from_sa
 from protego.xfrm.messages import LifetimeCfg, Selector, XfrmPolicy, XfrmState, XfrmTemplate
 
 from .records import GpnSa
-from .tenant import GATEWAY_MAC, EgressRoute
+from .tenant import EgressRoute
 
 __all__ = ["IF_ID_BASE", "KernelPlan", "PlanDiff", "TenantDevices", "diff", "is_ours", "plan", "ranges_to_nets",
            "same_policy", "same_state"]
@@ -107,7 +107,6 @@ class KernelPlan:
     routes: dict[tuple[int, str], str] = field(default_factory=dict)  # (table, dst) -> device
     neighbours: dict[tuple[str, str], str] = field(default_factory=dict)  # (device, ip) -> MAC
     fdb: dict[tuple[str, str], str] = field(default_factory=dict)  # (device, MAC) -> VTEP
-    gateway_mac: str = ":".join(f"{b:02x}" for b in GATEWAY_MAC)
 
 
 def state_for(g: GpnSa, if_id: int) -> XfrmState:

@@ -103,6 +103,20 @@ class GpnBed:
                     raise
                 time.sleep(1)
 
+    def describe_tunnel(self, site: str) -> str:
+        """The peer's CHILD_SAs and the tunnel's SA records (no keys), for a failure message."""
+        s = next(x for x in self.tb.topology.sites if x.name == site)
+        try:
+            with self.tb.vici(f"s-{site}") as v:
+                children = [(c.get("uniqueid"), c.get("state"), c.get("spi-in"), c.get("spi-out"))
+                            for entry in v.session.list_sas({"ike": site}) for ike in entry.values()
+                            for c in (ike.get("child-sas") or {}).values()]
+        except Exception as exc:  # noqa: BLE001 - a diagnostic only
+            children = [f"(list-sas failed: {exc})"]
+        recs = sorted((r["spi"], r["direction"], r["gpn"], round(r["created"], 2))
+                      for r in self.records(s.tenant).values() if r["tunnel"] == site)
+        return f"peer CHILD_SAs (id, state, spi in, spi out): {children}; SA records: {recs}"
+
     def tunnel_ready(self, site: str) -> bool:
         """The peer has a CHILD_SA and both its SAs are recorded and placed on a running GPN."""
         s = next(x for x in self.tb.topology.sites if x.name == site)

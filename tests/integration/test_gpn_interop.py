@@ -270,7 +270,10 @@ def test_restarted_gpn_does_not_reuse_outbound_sas_then_two_workers(bed: GpnBed)
 
     for site, (tenant, _suite) in SITES.items():
         wait_until(lambda tenant=tenant: fresh_outbound(tenant), 30, f"{site} rekeyed by the GMN")
-        wait_until(lambda site=site: bed.tunnel_ready(site), 30, f"{site} ready")
+        try:
+            wait_until(lambda site=site: bed.tunnel_ready(site), 30, f"{site} ready")
+        except AssertionError as exc:  # seen once in 889 CI tests: say what the peer and etcd held
+            raise AssertionError(f"{exc}: {bed.describe_tunnel(site)}") from None
     for site, (tenant, _suite) in SITES.items():
         wait_until(lambda site=site: bed.ping(site_host(site), TENANT_HOST, count=1)[1] == 1, 10,
                    f"{site} reachable again")
