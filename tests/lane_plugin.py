@@ -45,6 +45,7 @@ MARKER_HELP = ("kernel: needs kernel ESP/XFRM: runs natively, in the kernel lane
                "guest), or skips saying what is missing")
 REPORTS = "reports.jsonl"
 CONSOLE = "console.log"
+TESTBED_LOGS = "testbeds"  # <run>/testbeds/<testbed>/: each lane testbed's logs (PROTEGO_TEST_KEEP_LOGS)
 TAIL_LINES = 60
 GUEST_TEST_TIMEOUT = 1800  # pytest-timeout's per-test limit inside the (slow) guest
 
@@ -204,7 +205,9 @@ def run_in_guest(config: pytest.Config, nodeids: list[str], folder: Path) -> Gue
     start = time.monotonic()
     try:
         run = lane.run_guest(shlex.join(argv), rwdir=folder, log=console,
-                             timeout=lane.lane_timeout(), env={"LANG": "C.UTF-8"},
+                             timeout=lane.lane_timeout(),
+                             # the testbeds' logs (charons, agents, etcd) outlive the guest
+                             env={"LANG": "C.UTF-8", "PROTEGO_TEST_KEEP_LOGS": str(folder / TESTBED_LOGS)},
                              cwd=config.rootpath, on_line=on_line)
     except lane.LaneTimeout as exc:
         return GuestOutcome(f"timed out: {exc}", time.monotonic() - start, None, console)
@@ -308,6 +311,9 @@ class KernelLane:
             f"{len(self._sent)} kernel test(s) sent to one QEMU guest, {reported} reported "
             f"back: {self._summary_line()}")
         terminalreporter.write_line(f"guest console log: {self.outcome.log}")
+        beds = self.outcome.log.parent / TESTBED_LOGS
+        if beds.is_dir():
+            terminalreporter.write_line(f"testbed logs: {beds}")
 
 
 def replay(item: pytest.Item, reports: Sequence[Mapping[str, Any]],

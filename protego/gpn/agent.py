@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -66,8 +67,13 @@ VIP_LABEL = "lo:pg"
 # and keeps the tunnel's route while it is the only outbound SA here, this long: tenant
 # frames the GEN sent here before it switched the tunnel elsewhere are still on their
 # way (socket buffers, worker queues) and go out encrypted instead of dropped. The peer
-# keeps the old inbound SA longer (strongSwan: delete_rekeyed_delay, 5 s).
+# keeps the old inbound SA longer (strongSwan: delete_rekeyed_delay, 5 s). While the
+# tunnel's outbound steering (steer/out/) still names the SA, the GIN/GEN still sends
+# its traffic here (a migration's switch is written only once the new GPN has the new
+# SA, which under load or emulation takes longer than this): the SA stays until the
+# steering names another SA and OUTBOUND_LINGER_S more, OUTBOUND_LINGER_MAX_S at most.
 OUTBOUND_LINGER_S = 0.5
+OUTBOUND_LINGER_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class GpnConfig:
     raw_esp: bool = True
     worker_cpus: tuple[int, ...] = ()  # the workers' CPUs (empty: the agent's)
     direct_acks: bool = True  # also tell the GMNs over the fabric (protego/control/acks.py)
+    canary_interval: float = 0.1  # xfrm: seconds between ESP canaries (protego/gpn/kernel_health.py)
+    canary_misses: int = 3  # xfrm: canaries lost in a row that stop the heartbeats
 
 
 def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> str:
@@ -220,6 +228,7 @@ class GpnAgent:
         self.aux_view = PrefixView(on_change=self._kick)
         self.installed: dict[str, tuple[int, GpnSa]] = {}  # key -> (mod_revision, SA)
         self.lingering: dict[str, tuple[float, GpnSa]] = {}  # outbound SAs whose record went: until when
+        self._linger_since: dict[str, float] = {}  # when each lingering SA's record went
         self.burnt: set[str] = set()  # outbound SA keys never to install again
         self.refused: dict[str, str] = {}
         self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
@@ -252,7 +261,8 @@ class GpnAgent:
         if self.backend == "xfrm":
             from .kernel import KernelConfig, KernelDataPath
 
-            self.engine = KernelDataPath(KernelConfig(self.cfg.fabric_addr)).start()
+            self.engine = KernelDataPath(KernelConfig(self.cfg.fabric_addr, canary_interval=self.cfg.canary_interval,
+                                                      canary_misses=self.cfg.canary_misses)).start()
             self._cpu = _HostCpu()
         else:
             # the engine forks its workers: before any etcd/gRPC thread exists
@@ -399,6 +409,11 @@ class GpnAgent:
         self.refused = bad
         # SAs to remove go last, after the egress table stops naming them: a worker must
         # never hold a route to an outbound SA it no longer has
+        steer = {}
+        for key, val in self.steer_view.json_items(f"{PREFIX}steer/out/").items():
+            tun = steer_out_tunnel(key)
+            if tun is not None and isinstance(val, dict):
+                steer[tun] = str(val.get("spi", ""))
         now = time.monotonic()
         removed: dict[str, GpnSa] = {}
         for key in sorted(set(self.installed) - set(want)):
@@ -407,12 +422,21 @@ class GpnAgent:
                 removed[key] = g
             else:
                 self.lingering[key] = (now + OUTBOUND_LINGER_S, g)
+                self._linger_since[key] = now
         for key in sorted(self.lingering):
-            until = self.lingering[key][0]
+            until, g = self.lingering[key]
             if key in want:  # its record is back (the same SA, still installed): keep it
                 self.installed[key] = (want[key][1], self.lingering.pop(key)[1])
+                self._linger_since.pop(key, None)
+            elif (steer.get((g.tenant, g.tunnel)) == f"{g.spi:08x}"
+                  and now - self._linger_since.get(key, now) < OUTBOUND_LINGER_MAX_S):
+                # still steered here; OUTBOUND_LINGER_S more from the pass that sees it move
+                self.lingering[key] = (math.inf, g)
+            elif until == math.inf:
+                self.lingering[key] = (now + OUTBOUND_LINGER_S, g)
             elif until <= now:
                 removed[key] = self.lingering.pop(key)[1]
+                self._linger_since.pop(key, None)
         for key, (crev, mrev, g) in sorted(want.items()):
             cur = self.installed.get(key)
             if cur is not None and cur[0] == mrev:
@@ -446,11 +470,6 @@ class GpnAgent:
             if vips != self._vips:
                 self._apply_vips(vips)
                 self._vips = vips
-        steer = {}
-        for key, val in self.steer_view.json_items(f"{PREFIX}steer/out/").items():
-            tun = steer_out_tunnel(key)
-            if tun is not None and isinstance(val, dict):
-                steer[tun] = str(val.get("spi", ""))
         routes = egress_routes(sas, steer)
         if routes != self._egress:
             self.engine.set_egress(routes)

@@ -36,9 +36,14 @@ def gpn() -> None:
 @click.option("--no-raw-esp", is_flag=True, help="Do not open raw protocol-50 sockets (ESP-in-UDP only).")
 @click.option("--worker-cpus", default="", metavar="LIST",
               help="CPUs for the worker processes, e.g. 2-7 or 1,3 (default: the agent's).")
+@click.option("--canary-interval-ms", type=click.FloatRange(10, 10000), default=100.0, show_default=True,
+              help="xfrm backend: milliseconds between ESP canaries through the kernel.")
+@click.option("--canary-misses", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="xfrm backend: canaries lost in a row that stop the heartbeats (the GPN is then declared dead).")
 @click.pass_context
 def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: int, lease_ttl: int,
-        report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool, worker_cpus: str) -> None:
+        report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool, worker_cpus: str,
+        canary_interval_ms: float, canary_misses: int) -> None:
     """Run the GPN agent and its data path until SIGTERM/SIGINT."""
     from protego.gpn.agent import GpnAgent, GpnConfig
     from protego.gpn.engine import parse_cpu_list
@@ -59,7 +64,8 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
         cfg = GpnConfig(node=node, fabric_addr=fabric_addr, backend=backend, workers=workers,
                         lease_ttl=lease_ttl, report_interval=report_interval,
                         resync_interval=resync_interval, manage_vips=not no_vips, raw_esp=not no_raw_esp,
-                        worker_cpus=parse_cpu_list(worker_cpus))
+                        worker_cpus=parse_cpu_list(worker_cpus), canary_interval=canary_interval_ms / 1000.0,
+                        canary_misses=canary_misses)
         agent = GpnAgent(cfg, obj.etcd)
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

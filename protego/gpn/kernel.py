@@ -79,6 +79,7 @@ class KernelConfig:
     verify_interval: float = 5.0  # seconds between read-backs of the kernel
     canary_interval: float = 0.1  # seconds between ESP canaries
     canary_misses: int = 3  # consecutive lost canaries that stop the heartbeats
+    tenant_keep_s: float = 30.0  # a tenant's devices stay this long after its last SA here left
     src_mac: bytes | None = None  # the tenant-side source MAC (default: gpn_mac(fabric))
 
 
@@ -110,6 +111,7 @@ class KernelDataPath:
         self._health: HealthServer | None = None
         self._canary_peer: Canary | None = None
         self._lost: set[tuple[str, int]] = set()  # outbound states that vanished from the kernel
+        self._vni_used: dict[int, float] = {}  # VNI -> when an SA of it was last here (monotonic)
         self._last: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (packets, last change)
         self._next_verify = 0.0
         self._canary_seen = False
@@ -217,12 +219,26 @@ class KernelDataPath:
         with self._lock:
             if not self._dirty:
                 return
-            self._apply(self._without_lost(plan(self._sas.values(), self._egress, self._hosts)))
+            self._apply(self._without_lost(plan(self._sas.values(), self._egress, self._hosts,
+                                                self._kept_vnis(time.monotonic()))))
             self._dirty = False
+
+    def _kept_vnis(self, now: float) -> set[int]:
+        """The VNIs whose devices stay: those with an SA here, and for
+        ``cfg.tenant_keep_s`` those whose last SA left (a migration back and forth, or a
+        drain undone, finds them in place); older ones are forgotten."""
+        for g in self._sas.values():
+            self._vni_used[g.vni] = now
+        for vni in [v for v, at in self._vni_used.items() if now - at > self.cfg.tenant_keep_s]:
+            del self._vni_used[vni]
+        return set(self._vni_used)
 
     def check(self) -> list[int]:
         """Every ``verify_interval``: read the kernel back and repair it. Never a dead worker."""
         now = time.monotonic()
+        with self._lock:
+            if any(now - at > self.cfg.tenant_keep_s for at in self._vni_used.values()):
+                self._touch()  # a tenant's keep ran out: its devices go at the next sync
         if now >= self._next_verify:
             self._next_verify = now + self.cfg.verify_interval
             with self._lock:

@@ -12,7 +12,9 @@ therefore answers (docs/heartbeat.md) only while
   the same way: it returns only if this namespace's kernel encrypted it, sent it out,
   and took the answer in through the backend's UDP 4500 encapsulation socket,
   decrypted it and passed the inbound policy check (a plain datagram is dropped);
-  it must come back within ``misses`` intervals; and
+  it counts as lost when it has not come back within 1.5 intervals (its echo is read
+  before any verdict, so a stalled thread loses nothing), and ``misses`` lost in a
+  row (a send the kernel refuses counts as lost) break the data path (:class:`CanaryJudge`); and
 * the backend reports no failure (its last apply or read-back of the kernel failed).
 
 When either fails the heartbeat socket is **closed**: the GIN/GEN's next probe is
@@ -49,7 +51,7 @@ from . import bpf
 from .canary_peer import canary_sas, fork_peer
 from .tenant import VXLAN_PORT
 
-__all__ = ["CANARY_IFNAME", "CANARY_PORT", "Canary", "HealthServer"]
+__all__ = ["CANARY_IFNAME", "CANARY_PORT", "Canary", "CanaryJudge", "HealthServer"]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,59 @@ class Canary:
         self.installed = False
 
 
+class CanaryJudge:
+    """The canary's verdict: broken after ``misses`` canaries lost in a row.
+
+    A canary is lost when its echo has not been read ``timeout`` seconds after it was
+    sent, or when the kernel refused to send it. Echoes are read before tokens expire
+    (the caller drains the socket first), so a thread stalled by the scheduler or the
+    GIL (seconds under emulation) does not count the echoes waiting in its socket as
+    lost: only canaries the kernel never brought back are. Pure (the clock is passed in).
+    """
+
+    def __init__(self, misses: int, timeout: float) -> None:
+        self.misses = misses
+        self.timeout = timeout
+        self.missed = 0  # lost in a row
+        self.sent = 0
+        self.ok = 0
+        self.lost = 0
+        self._pending: dict[bytes, float] = {}
+
+    def on_sent(self, token: bytes, now: float) -> None:
+        self.sent += 1
+        self._pending[token] = now
+
+    def on_refused(self) -> None:
+        """The kernel would not send the canary (e.g. no state: an acquire)."""
+        self.lost += 1
+        self.missed += 1
+
+    def on_echo(self, token: bytes) -> bool:
+        """An echo came back; False for a token that is not (or no longer) pending."""
+        if self._pending.pop(token, None) is None:
+            return False
+        self.ok += 1
+        self.missed = 0
+        return True
+
+    def expire(self, now: float) -> None:
+        for token in [t for t, at in self._pending.items() if now - at > self.timeout]:
+            del self._pending[token]
+            self.lost += 1
+            self.missed += 1
+
+    def reset(self) -> None:
+        """The canary's SAs went (no tunnel left): nothing in flight counts."""
+        self._pending.clear()
+        self.missed = 0
+
+    def verdict(self) -> str | None:
+        if self.missed >= self.misses:
+            return f"{self.missed} ESP canaries in a row did not come back through the kernel"
+        return None
+
+
 class HealthServer:
     """The xfrm GPN's heartbeat responder, gated by the canary (a daemon thread)."""
 
@@ -216,11 +271,9 @@ class HealthServer:
         self._rx.setblocking(False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sent: dict[bytes, float] = {}
-        self._last_ok = 0.0
+        self.judge = CanaryJudge(misses, interval * 1.5)
         self.broken: str | None = "starting"
-        self._c = {"canary_sent": 0, "canary_ok": 0, "canary_lost": 0, "hb_probes": 0, "hb_tag_answers": 0,
-                   "ike_ignored": 0, "heartbeats_stopped": 0}
+        self._c = {"hb_probes": 0, "hb_tag_answers": 0, "ike_ignored": 0, "heartbeats_stopped": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> HealthServer:
@@ -243,6 +296,7 @@ class HealthServer:
 
     def counters(self) -> dict[str, int]:
         out = dict(self._c)
+        out["canary_sent"], out["canary_ok"], out["canary_lost"] = self.judge.sent, self.judge.ok, self.judge.lost
         out["hb_probes"] = self._responder.probes
         out["hb_tag_answers"] = self._responder.tagged
         return out
@@ -267,9 +321,8 @@ class HealthServer:
     def _judge(self, now: float) -> None:
         """Open or close the heartbeat socket by the canary's and the backend's verdicts."""
         why = self._datapath_ok()
-        since = max(self._last_ok, self.canary.installed_at)
-        if why is None and self.canary.installed and now - since > self.interval * (self.misses + 0.5):
-            why = f"the ESP canary through the kernel has not come back for {now - since:.2f} s"
+        if why is None and self.canary.installed:
+            why = self.judge.verdict()
         if why is None and self.broken is not None:
             try:
                 self._open_hb()
@@ -288,18 +341,25 @@ class HealthServer:
     # ------------------------------------------------------------------ loop
     def _send_canary(self, now: float) -> None:
         if not self.canary.installed:
-            self._sent.clear()
+            self.judge.reset()
             return
+        self._drain(self._rx, now)  # echoes already here count before anything expires
+        self.judge.expire(now)
         token = os.urandom(12)
         try:
             self._rx.sendto(token, (CANARY_REMOTE, CANARY_PORT))
-            self._c["canary_sent"] += 1
-            self._sent[token] = now
+            self.judge.on_sent(token, now)
         except OSError as exc:  # e.g. EAGAIN while the kernel has no state (acquire)
             log.debug("canary not sent: %s", exc)
-        for t in [t for t, at in self._sent.items() if now - at > self.interval * self.misses]:
-            del self._sent[t]
-            self._c["canary_lost"] += 1
+            self.judge.on_refused()
+
+    def _drain(self, s: socket.socket, now: float) -> None:
+        for _ in range(256):
+            try:
+                data, src = s.recvfrom(65535, socket.MSG_DONTWAIT)
+            except OSError:  # BlockingIOError: empty; others: closed under us (stop)
+                break
+            self._on(s, data, src, now)
 
     def _run(self) -> None:
         next_canary = 0.0
@@ -316,22 +376,12 @@ class HealthServer:
                 continue
             now = time.monotonic()
             for s in ready:
-                for _ in range(256):
-                    try:
-                        data, src = s.recvfrom(65535, socket.MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        break
-                    self._on(s, data, src, now)
+                self._drain(s, now)
 
     def _on(self, s: socket.socket, data: bytes, src: tuple[str, int], now: float) -> None:
         if s is self._rx:
-            if self._sent.pop(data, None) is not None:
-                self._c["canary_ok"] += 1
-                self._last_ok = now
-                if self.broken is not None:
-                    self._judge(now)
+            if self.judge.on_echo(data) and self.broken is not None:
+                self._judge(now)
         elif s is self._encap:
             self._c["ike_ignored"] += 1  # IKE (zero marker) reaching a GPN: the GMN's job
         elif s is self._hb:

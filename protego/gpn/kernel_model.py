@@ -131,10 +131,14 @@ def _newest(sas: list[GpnSa]) -> GpnSa:
 
 
 def plan(sas: Iterable[GpnSa], egress: Iterable[EgressRoute],
-         hosts: Mapping[tuple[int, int], tuple[bytes, str]]) -> KernelPlan:
+         hosts: Mapping[tuple[int, int], tuple[bytes, str]], keep_vnis: Iterable[int] = ()) -> KernelPlan:
     """The kernel objects for ``sas`` (every SA installed or lingering here), the egress
-    ``routes`` and the host directory (``(vni, ip) -> (mac, vtep)``)."""
+    ``routes`` and the host directory (``(vni, ip) -> (mac, vtep)``). ``keep_vnis``: tenants
+    whose devices (and host entries) stay although no SA of theirs is here (a tunnel that
+    just left may come back: creating the devices is the slowest part of an install)."""
     p = KernelPlan()
+    for vni in keep_vnis:
+        p.tenants.setdefault(vni, TenantDevices(vni))
     by_tunnel: dict[tuple[str, str], list[GpnSa]] = {}
     out_by_spi: dict[tuple[int, int], GpnSa] = {}
     for g in sas:

@@ -395,6 +395,7 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
                     _start_agent(tb, n.node, "gpn-agent", ["gpn", "run", "--node", n.node,
                                                            "--fabric-addr", fabric_addr(tb, n.node),
                                                            "--backend", backends[n.node],
+                                                           *canary_args(tb),
                                                            *(["--worker-cpus", cpu_list(split["data"])]
                                                              if split else [])])
             _start_lb(tb)
@@ -598,6 +599,14 @@ def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: 
     return rec
 
 
+def canary_args(tb: Testbed) -> list[str]:
+    """An xfrm GPN's canary at the heartbeat's pace when the topology relaxes it (the
+    lane: a stalled guest must not stop the heartbeats); the agent's default otherwise."""
+    if tb.timings.hb_interval_ms <= DEFAULT_TIMINGS.hb_interval_ms:
+        return []
+    return ["--canary-interval-ms", f"{tb.timings.hb_interval_ms:g}", "--canary-misses", str(tb.timings.hb_misses)]
+
+
 def _start_lb(tb: Testbed) -> None:
     args = ["lb", "run", "--role", "both", "--node", "lb", "--hb-bind", fabric_addr(tb, "lb"),
             "--hb-interval-ms", f"{tb.timings.hb_interval_ms:g}", "--hb-misses", str(tb.timings.hb_misses),
@@ -646,7 +655,8 @@ def _start_gmn(tb: Testbed, node: str) -> None:
     agent = _start_agent(tb, node, "gmn-agent", ["gmn", "run", "--node", node, "--vici", str(vici_sock),
                                                   "--plugin-socket", str(plugin_sock),
                                                   "--fabric-addr", fabric_addr(tb, node),
-                                                  "--lease-ttl", str(tb.timings.gmn_lease_ttl)], rt=True)
+                                                  "--lease-ttl", str(tb.timings.gmn_lease_ttl),
+                                                  "--apply-timeout", f"{tb.timings.apply_timeout_s:g}"], rt=True)
     _wait_path(plugin_sock, agent, f"the gmn agent on {node}", tb.timings.daemon_start_s)
     start_gmn_charon(tb, node)
 

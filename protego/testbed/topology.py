@@ -75,6 +75,7 @@ class Timings:
     gmn_lease_ttl: int = 2  # s: the GMN's leadership lease in etcd
     daemon_start_s: float = 30.0  # s: every start-up wait (charon's VICI, agents' sockets, GPN registration)
     tunnel_wait_s: float = 60.0  # s: until every site's tunnel is up (baseline up, demo)
+    apply_timeout_s: float = 2.0  # s: longest a GMN holds charon for a GPN's or GIN/GEN's acknowledgement
 
 
 DEFAULT_TIMINGS = Timings()
@@ -236,7 +237,8 @@ def _number(ctx: _Ctx, where: str, value: Any, lo: float, hi: float) -> float:
 def _timings(ctx: _Ctx, table: Any) -> Timings:
     d = DEFAULT_TIMINGS
     _check_fields(ctx, "[timings]", table, set(),
-                  {"hb_interval_ms", "hb_misses", "gmn_lease_ttl", "daemon_start_s", "tunnel_wait_s"})
+                  {"hb_interval_ms", "hb_misses", "gmn_lease_ttl", "daemon_start_s", "tunnel_wait_s",
+                   "apply_timeout_s"})
     return Timings(
         hb_interval_ms=_number(ctx, "[timings].hb_interval_ms", table.get("hb_interval_ms", d.hb_interval_ms),
                                1, 10000),
@@ -247,6 +249,9 @@ def _timings(ctx: _Ctx, table: Any) -> Timings:
                                1, 3600),
         tunnel_wait_s=_number(ctx, "[timings].tunnel_wait_s", table.get("tunnel_wait_s", d.tunnel_wait_s),
                               1, 3600),
+        # under kernel-protego's reply timeout (5 s): charon must get its answer
+        apply_timeout_s=_number(ctx, "[timings].apply_timeout_s", table.get("apply_timeout_s", d.apply_timeout_s),
+                                0.1, 4.5),
     )
 
 

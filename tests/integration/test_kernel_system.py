@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from protego.control.migrate import migrate
+from protego.gpn.kernel import KernelConfig
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.demo import site_traffic
@@ -217,6 +218,13 @@ def test_removing_the_tunnels_leaves_no_state_policy_or_device_on_the_gpns(tb: t
     for gpn in ("gpn1", "gpn2"):
         wait_until(lambda gpn=gpn: xfrm(tb, gpn, "state").strip() == "" and xfrm(tb, gpn, "policy").strip() == "",
                    60, f"{gpn}'s XFRM states and policies to go", step=1.0)
+
+    def tenant_links(gpn: str) -> list[str]:
         links = subprocess.run(["ip", "-n", tb.ns(gpn), "-o", "link"], capture_output=True, text=True).stdout
         # pgc0 is the ESP canary's link, there while the agent runs
-        assert not [x for x in links.splitlines() if ": pg" in x and ": pgc0@" not in x], links
+        return [x for x in links.splitlines() if ": pg" in x and ": pgc0@" not in x]
+
+    # a tenant's devices stay KernelConfig.tenant_keep_s after its last SA left, then go
+    keep = KernelConfig("192.0.2.1").tenant_keep_s
+    for gpn in ("gpn1", "gpn2"):
+        wait_until(lambda gpn=gpn: not tenant_links(gpn), keep + 60, f"{gpn}'s tenant devices to go", step=1.0)

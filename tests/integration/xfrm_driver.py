@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--canary-interval", type=float, default=0.1)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    dp = KernelDataPath(KernelConfig(a.fabric, canary_interval=a.canary_interval, verify_interval=3600)).start()
+    dp = KernelDataPath(KernelConfig(a.fabric, canary_interval=a.canary_interval, verify_interval=3600,
+                                       tenant_keep_s=0.0)).start()
     print(json.dumps({"ok": True, "started": True}), flush=True)
     for line in sys.stdin:
         try:

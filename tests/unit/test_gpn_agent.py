@@ -169,6 +169,52 @@ def test_a_lingering_outbound_sa_gives_way_to_a_new_one(monkeypatch: pytest.Monk
     assert eng.calls[-1] == ("del", 0x1003, False)
 
 
+def test_a_migrated_outbound_sa_stays_while_the_gen_is_still_steered_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration away from this GPN: the old outbound SA's record goes (charon deleted
+    it) before the GIN/GEN's steering moves to the new GPN (written once that GPN has the
+    new SA): the SA and its route stay until the steering names another SA, then
+    OUTBOUND_LINGER_S more; OUTBOUND_LINGER_MAX_S at the most."""
+    clock = Clock()
+    monkeypatch.setattr(agent_mod.time, "monotonic", clock)
+    steer_key = f"{PREFIX}steer/out/acme/hq"
+
+    def steer(spi: int, rev: int) -> None:
+        a.steer_view.on_snapshot(rev, [KV(steer_key, json.dumps({"gpn": "gpn1", "spi": f"{spi:08x}"}).encode(),
+                                          rev, rev, 1)])
+
+    a = agent_with({0x2002: (12, rec(0x2002, "out"))})
+    steer(0x2002, 12)
+    a.reconcile()
+    eng: FakeEngine = a.engine  # type: ignore[assignment]
+    set_records(a, {})  # the record went; the new SA (0x2003) is on another GPN
+    a.reconcile()
+    for _ in range(8):  # 4 x OUTBOUND_LINGER_S: still steered here
+        clock.now += agent_mod.OUTBOUND_LINGER_S / 2
+        a.reconcile()
+        assert ("out", 0x2002) in eng.sas and [r.spi for r in eng.egress] == [0x2002]
+    steer(0x2003, 30)  # the switch
+    a.reconcile()
+    assert ("out", 0x2002) in eng.sas  # frames sent here before the switch still go out
+    clock.now += agent_mod.OUTBOUND_LINGER_S * 0.9
+    a.reconcile()
+    assert ("out", 0x2002) in eng.sas
+    clock.now += agent_mod.OUTBOUND_LINGER_S * 0.2
+    a.reconcile()
+    assert not eng.sas and eng.egress == [] and not a.lingering
+    # a steering that never moves: removed after OUTBOUND_LINGER_MAX_S all the same
+    set_records(a, {0x2004: (40, rec(0x2004, "out"))}, mod=40)
+    steer(0x2004, 40)
+    a.reconcile()
+    set_records(a, {})
+    a.reconcile()
+    start = clock.now
+    while ("out", 0x2004) in eng.sas:
+        clock.now += 0.25
+        a.reconcile()
+        assert clock.now - start <= agent_mod.OUTBOUND_LINGER_MAX_S + agent_mod.OUTBOUND_LINGER_S + 0.5
+    assert clock.now - start >= agent_mod.OUTBOUND_LINGER_MAX_S
+
+
 def test_invalid_records_are_refused_one_by_one() -> None:
     bad = rec(0x1009, "in")
     bad["suite"] = "des"

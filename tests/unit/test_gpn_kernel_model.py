@@ -152,3 +152,24 @@ def test_the_tag_filter_keeps_only_tagged_packets() -> None:
     assert bpf.run(u, ipv4(0x37 << 2, 17, udp(4789))) > 0
     assert bpf.run(u, ipv4(0x37 << 2, 17, udp(53))) == 0
     assert bpf.run(u, ipv4(0, 17, udp(4500))) == 0
+
+
+def test_a_kept_tenant_keeps_its_devices_and_host_entries_without_sas() -> None:
+    """A tunnel moved away (its last SA left this GPN): with its VNI kept, only its states
+    and policies go; devices, the tenant's host routes, neighbours and FDB entries stay,
+    so that a move back needs no device creation. Without the keep, everything goes."""
+    hosts = {(1001, int(ipaddress.IPv4Address("10.1.0.10"))): (mac_bytes("02:00:03:e9:00:01"), "192.0.2.101")}
+    inb, out = sa(0xA100, "in"), sa(0xA200, "out")
+    here = plan([inb, out], [EgressRoute(1001, net("10.1.0.0/24"), net("10.201.0.0/24"), 0xA200)], hosts)
+    kept = plan([], [], hosts, keep_vnis=[1001])
+    assert set(kept.tenants) == {1001} and not kept.states and not kept.policies
+    assert kept.neighbours == here.neighbours and kept.fdb == here.fdb
+    d = diff(here, kept)
+    assert not d.remove_tenants and not d.remove_neighbours and not d.remove_fdb
+    assert sorted(st.spi for st in d.remove_states) == [0xA100, 0xA200] and d.remove_policies
+    # the move back: states and policies only
+    back = diff(kept, here)
+    assert not back.add_tenants and not back.set_neighbours and not back.set_fdb
+    assert sorted(st.spi for st in back.add_states) == [0xA100, 0xA200]
+    gone = diff(kept, plan([], [], hosts))
+    assert [t.vni for t in gone.remove_tenants] == [1001]

@@ -187,9 +187,9 @@ def test_timings_default_to_the_hosts_values() -> None:
 
 def test_timings_are_read() -> None:
     topo = parse_topology("[timings]\nhb_interval_ms = 500\nhb_misses = 5\ngmn_lease_ttl = 5\n"
-                          "daemon_start_s = 90.5\ntunnel_wait_s = 180\n" + MINIMAL)
+                          "daemon_start_s = 90.5\ntunnel_wait_s = 180\napply_timeout_s = 4\n" + MINIMAL)
     assert topo.timings == Timings(hb_interval_ms=500, hb_misses=5, gmn_lease_ttl=5, daemon_start_s=90.5,
-                                   tunnel_wait_s=180)
+                                   tunnel_wait_s=180, apply_timeout_s=4)
 
 
 @pytest.mark.parametrize(("line", "expected"), [
@@ -200,8 +200,9 @@ def test_timings_are_read() -> None:
     ("gmn_lease_ttl = 1", "[timings].gmn_lease_ttl: 1 is out of range 2..60"),
     ("daemon_start_s = true", "[timings].daemon_start_s: expected a number, got True"),
     ("tunnel_wait_s = -1", "[timings].tunnel_wait_s: -1 is out of range 1..3600"),
-    ("hb_interval = 50", "[timings]: unknown field 'hb_interval' (allowed: daemon_start_s, gmn_lease_ttl, "
-                         "hb_interval_ms, hb_misses, tunnel_wait_s)"),
+    ("apply_timeout_s = 5", "[timings].apply_timeout_s: 5 is out of range 0.1..4.5"),
+    ("hb_interval = 50", "[timings]: unknown field 'hb_interval' (allowed: apply_timeout_s, daemon_start_s, "
+                         "gmn_lease_ttl, hb_interval_ms, hb_misses, tunnel_wait_s)"),
 ])
 def test_bad_timings_name_the_field(line: str, expected: str) -> None:
     assert _err(f"[timings]\n{line}\n" + MINIMAL) == f"topo.toml: {expected}"
