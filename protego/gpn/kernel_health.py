@@ -245,7 +245,7 @@ class CanaryJudge:
 
     def verdict(self) -> str | None:
         if self.missed >= self.misses:
-            return f"{self.missed} ESP canaries in a row did not come back through the kernel"
+            return f"the ESP canary did not come back through the kernel {self.missed} times in a row"
         return None
 
 

@@ -60,7 +60,11 @@ IP_PKTINFO = 8
 IP_RECVTOS = 13
 
 BATCH = 64  # datagrams drained per socket per round
-SEQ_HOLD = 0.2  # seconds a packet may wait for a sequence block before it is dropped
+# seconds a packet may wait for a sequence block before it is dropped: the worker holding
+# the SA's window gives it back once its batch is sent, microseconds later unless it is
+# descheduled (200 ms was not enough in an emulated guest: 2 replies dropped in a lane
+# migration, counted seq_blocked); a late packet is better than a lost one
+SEQ_HOLD = 1.0
 SEQ_HOLD_PACKETS = 512  # packets one SA may have waiting for a sequence block
 SEQ_RETRY = 0.0005  # seconds between retries while packets wait for a sequence block
 ROUTE_HOLD = 0.1  # seconds a tenant frame may wait for its tunnel's route (being installed)

@@ -30,7 +30,7 @@ def test_three_lost_in_a_row_break_it_and_one_echo_heals_it() -> None:
     j.expire(now)
     assert j.missed == 3 and j.lost == 3
     why = j.verdict()
-    assert why is not None and "3 ESP canaries in a row" in why
+    assert why is not None and "canary" in why and "3 times in a row" in why
     j.on_sent(b"x", now)
     assert j.on_echo(b"x")
     assert j.verdict() is None and j.missed == 0
