@@ -72,7 +72,7 @@ VIP_LABEL = "lo:pg"
 # its traffic here (a migration's switch is written only once the new GPN has the new
 # SA, which under load or emulation takes longer than this): the SA stays until the
 # steering names another SA and OUTBOUND_LINGER_S more, OUTBOUND_LINGER_MAX_S at most.
-OUTBOUND_LINGER_S = 0.5
+OUTBOUND_LINGER_S = 2.0  # a GIN/GEN applies a steering change within ~0.5 s even in the emulated lane
 OUTBOUND_LINGER_MAX_S = 10.0
 
 

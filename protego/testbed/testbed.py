@@ -400,8 +400,11 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
                                                              if split else [])])
             _start_lb(tb)
             progress("starting the GMNs (charon with kernel-protego + protego gmn agent)")
-            for node in ("gmn1", "gmn2"):
-                _start_gmn(tb, node)
+            _start_gmn(tb, "gmn1")
+            # gmn1 is the testbed's first active GMN (tests and benchmarks that reach a GMN
+            # directly start from it): gmn2 starts once gmn1 leads, and stands by
+            _wait_leader(tb, store, "gmn1", tb.timings.daemon_start_s)
+            _start_gmn(tb, "gmn2")
             running = _wait_registered(tb, store, [n.node for n in tb.plan.namespaces if n.role == "gpn"],
                                        tb.timings.daemon_start_s)
             if running != backends:  # auto: what each agent chose
@@ -623,6 +626,22 @@ def poll_interval(timeout: float, floor: float) -> float:
     machine (at most once a second), where every question costs the daemons that are
     still starting CPU."""
     return min(1.0, max(floor, timeout / 300))
+
+
+def _wait_leader(tb: Testbed, store: Any, node: str, timeout: float) -> None:
+    """Wait until ``node`` is the active GMN (``gmn/leader``)."""
+    deadline = time.monotonic() + timeout
+    interval = poll_interval(timeout, 0.1)
+    while True:
+        if (store.get_json("/protego/v1/gmn/leader") or {}).get("node") == node:
+            return
+        for rec in tb.state.procs:
+            if rec.node == node and not procs.is_alive(rec):
+                raise TestbedError(f"{rec.kind} on {node} exited during start-up (see {rec.log})")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{node} did not become the active GMN within {timeout:.0f} s "
+                               "([timings].daemon_start_s)")
+        time.sleep(interval)
 
 
 def _wait_registered(tb: Testbed, store: Any, gpns: list[str], timeout: float) -> dict[str, str]:
