@@ -13,6 +13,7 @@ reuse its old outbound SAs.
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -208,8 +209,14 @@ def test_survives_an_etcd_restart(bed: GpnBed) -> None:
     wait_until(lambda: all(_registered(bed, g) for g in ("gpn1", "gpn2")), 20, "GPN registrations after the restart")
     old_in = {r["spi"] for r in bed.records("acme").values() if r["direction"] == "in"}
     bed.restart_tunnel("acme-hq")
-    wait_until(lambda: bed.tunnel_ready("acme-hq") and not old_in & {
-        r["spi"] for r in bed.records("acme").values() if r["direction"] == "in"}, 30, "a new acme tunnel")
+    try:
+        wait_until(lambda: bed.tunnel_ready("acme-hq") and not old_in & {
+            r["spi"] for r in bed.records("acme").values() if r["direction"] == "in"}, 30, "a new acme tunnel")
+    except AssertionError as exc:
+        kept = tbmod.copy_logs(bed.tb, tempfile.mkdtemp(prefix="protego-etcd-restart-"))
+        leader = bed.etcd.get_json(f"{PREFIX}gmn/leader")
+        raise AssertionError(f"{exc}; {bed.describe_tunnel('acme-hq')}; GMN leader {leader}; "
+                             f"the testbed's logs: {kept}") from None
     wait_until(lambda: bed.ping(site_host("acme-hq"), TENANT_HOST, count=1)[1] == 1, 10, "traffic on the new SAs")
     sent, got = bed.ping("t-acme-h1", site_ip(bed, "acme-hq"), count=3)
     assert got == sent
