@@ -111,7 +111,8 @@ class KernelDataPath:
         self._health: HealthServer | None = None
         self._canary_peer: Canary | None = None
         self._lost: set[tuple[str, int]] = set()  # outbound states that vanished from the kernel
-        self._vni_used: dict[int, float] = {}  # VNI -> when an SA of it was last here (monotonic)
+        self._vni_active: set[int] = set()  # VNIs with an SA here at the last sync
+        self._vni_left: dict[int, float] = {}  # VNI -> when its last SA here left (monotonic)
         self._last: dict[tuple[str, int], tuple[int, float]] = {}  # key -> (packets, last change)
         self._next_verify = 0.0
         self._canary_seen = False
@@ -227,17 +228,19 @@ class KernelDataPath:
         """The VNIs whose devices stay: those with an SA here, and for
         ``cfg.tenant_keep_s`` those whose last SA left (a migration back and forth, or a
         drain undone, finds them in place); older ones are forgotten."""
-        for g in self._sas.values():
-            self._vni_used[g.vni] = now
-        for vni in [v for v, at in self._vni_used.items() if now - at > self.cfg.tenant_keep_s]:
-            del self._vni_used[vni]
-        return set(self._vni_used)
+        active = {g.vni for g in self._sas.values()}
+        for vni in self._vni_active - active:
+            self._vni_left[vni] = now
+        self._vni_active = active
+        self._vni_left = {v: at for v, at in self._vni_left.items()
+                          if v not in active and now - at <= self.cfg.tenant_keep_s}
+        return active | set(self._vni_left)
 
     def check(self) -> list[int]:
         """Every ``verify_interval``: read the kernel back and repair it. Never a dead worker."""
         now = time.monotonic()
         with self._lock:
-            if any(now - at > self.cfg.tenant_keep_s for at in self._vni_used.values()):
+            if any(now - at > self.cfg.tenant_keep_s for at in self._vni_left.values()):
                 self._touch()  # a tenant's keep ran out: its devices go at the next sync
         if now >= self._next_verify:
             self._next_verify = now + self.cfg.verify_interval

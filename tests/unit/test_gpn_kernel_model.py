@@ -173,3 +173,21 @@ def test_a_kept_tenant_keeps_its_devices_and_host_entries_without_sas() -> None:
     assert sorted(st.spi for st in back.add_states) == [0xA100, 0xA200]
     gone = diff(kept, plan([], [], hosts))
     assert [t.vni for t in gone.remove_tenants] == [1001]
+
+
+def test_the_backend_keeps_a_left_tenant_for_tenant_keep_s_and_no_longer() -> None:
+    """KernelDataPath._kept_vnis (no kernel touched): a VNI whose last SA left stays kept
+    for tenant_keep_s from that moment, then goes; one that gets an SA back is simply active."""
+    from types import SimpleNamespace
+
+    from protego.gpn.kernel import KernelConfig, KernelDataPath
+
+    dp = KernelDataPath(KernelConfig("192.0.2.1", tenant_keep_s=30))
+    dp._sas = {("in", 1): SimpleNamespace(vni=1001), ("in", 2): SimpleNamespace(vni=1002)}  # type: ignore[dict-item]
+    assert dp._kept_vnis(0.0) == {1001, 1002}
+    del dp._sas[("in", 2)]
+    assert dp._kept_vnis(10.0) == {1001, 1002}  # 1002 left at t=10
+    assert dp._kept_vnis(40.0) == {1001, 1002}
+    assert dp._kept_vnis(40.5) == {1001}
+    dp._sas[("in", 3)] = SimpleNamespace(vni=1002)  # type: ignore[assignment]
+    assert dp._kept_vnis(50.0) == {1001, 1002} and not dp._vni_left
