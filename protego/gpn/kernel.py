@@ -233,14 +233,14 @@ class KernelDataPath:
             self._vni_left[vni] = now
         self._vni_active = active
         self._vni_left = {v: at for v, at in self._vni_left.items()
-                          if v not in active and now - at <= self.cfg.tenant_keep_s}
+                          if v not in active and now - at < self.cfg.tenant_keep_s}
         return active | set(self._vni_left)
 
     def check(self) -> list[int]:
         """Every ``verify_interval``: read the kernel back and repair it. Never a dead worker."""
         now = time.monotonic()
         with self._lock:
-            if any(now - at > self.cfg.tenant_keep_s for at in self._vni_left.values()):
+            if any(now - at >= self.cfg.tenant_keep_s for at in self._vni_left.values()):
                 self._touch()  # a tenant's keep ran out: its devices go at the next sync
         if now >= self._next_verify:
             self._next_verify = now + self.cfg.verify_interval

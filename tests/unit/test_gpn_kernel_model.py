@@ -187,7 +187,21 @@ def test_the_backend_keeps_a_left_tenant_for_tenant_keep_s_and_no_longer() -> No
     assert dp._kept_vnis(0.0) == {1001, 1002}
     del dp._sas[("in", 2)]
     assert dp._kept_vnis(10.0) == {1001, 1002}  # 1002 left at t=10
-    assert dp._kept_vnis(40.0) == {1001, 1002}
-    assert dp._kept_vnis(40.5) == {1001}
+    assert dp._kept_vnis(39.9) == {1001, 1002}
+    assert dp._kept_vnis(40.0) == {1001}
     dp._sas[("in", 3)] = SimpleNamespace(vni=1002)  # type: ignore[assignment]
     assert dp._kept_vnis(50.0) == {1001, 1002} and not dp._vni_left
+
+
+def test_without_a_keep_a_left_tenant_goes_at_the_sync_that_sees_it_leave() -> None:
+    """tenant_keep_s=0 (the lane's xfrm driver): the VNI is not kept even for the pass in
+    which its last SA left, so one sync after the removal leaves no device behind."""
+    from types import SimpleNamespace
+
+    from protego.gpn.kernel import KernelConfig, KernelDataPath
+
+    dp = KernelDataPath(KernelConfig("192.0.2.1", tenant_keep_s=0.0))
+    dp._sas = {("in", 1): SimpleNamespace(vni=1001)}  # type: ignore[dict-item]
+    assert dp._kept_vnis(5.0) == {1001}
+    dp._sas = {}
+    assert dp._kept_vnis(5.0) == set() and not dp._vni_left
