@@ -68,7 +68,12 @@ MIGRATION_TIMEOUT = 30.0
 MIGRATION_RETRY_S = 2.0  # a migration rekey that put nothing on the target is asked again after this
 MIGRATION_ATTEMPTS = 5
 MAX_EVENTS = 500
-DEFER_SWITCH_S = 2.0  # longest wait for a peer's DELETE before using the new outbound SA
+# A peer's rekey we answered: the peer installs its new inbound SA when our response
+# arrives. The switch to the new outbound SA waits for the peer's DELETE of the old one, or
+# for DEFER_SWITCH_S after charon's child-rekey event (our response is then on its way), or,
+# were that event missed, for DEFER_UNANSWERED_S after the SA was placed.
+DEFER_SWITCH_S = 2.0
+DEFER_UNANSWERED_S = 10.0
 RECORD_GRACE_S = 10.0  # an SA charon has held this long without a record gets one (_reconcile_records)
 ADOPT_GRACE_S = 15.0  # after a takeover, the other GMN's records are reconciled once this has passed
 SPI_REFILL_DELAY_S = 1.0  # a VIP's spare inbound SPI is reserved again this long after its use
@@ -115,7 +120,9 @@ class _State:
     rekeyed: dict[str, float] = field(default_factory=dict)  # outbound SA record key -> when we asked
     rekey_asked: dict[tuple[str, str], float] = field(default_factory=dict)  # failed-GPN recoveries
     no_gpn_logged: float = -1e9
-    deferred: dict[tuple[str, str], float] = field(default_factory=dict)  # tunnels whose outbound switch waits
+    # tunnels whose outbound switch waits: (since, answered): since the SA was placed, or,
+    # once charon's child-rekey event said our response is sent, since that event
+    deferred: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     # inbound SAs of rekeys we initiated, placed but not yet acknowledged: (GPN, revision, SPI);
     # charon's next call, the same CHILD_SA's outbound SA, waits for them
     unacked_in: dict[tuple[str, str], tuple[str, int, int]] = field(default_factory=dict)
@@ -418,10 +425,20 @@ class GmnAgent:
                 kind, detail = "child-rekey", ""
                 if self.state.leader and self.ha is not None:
                     self._forget_rekeyed(sa)
+                self._rekey_answered((ids[0], ids[1]))
             if self.state.leader:
                 self._event(kind, ids[0], ids[1], detail)
             log.info("tunnel %s/%s: %s", ids[0], ids[1], kind)
         self._kick()
+
+    def _rekey_answered(self, tunnel: tuple[str, str]) -> None:
+        """charon's child-rekey event of a peer's rekey we answered comes as charon sends
+        the response (after the outbound SA's add_sa, which can be seconds earlier on a
+        loaded GMN): a deferred outbound switch counts its DEFER_SWITCH_S from now, so it
+        never precedes the peer's new inbound SA."""
+        with self._sa_lock:
+            if tunnel in self.state.deferred:
+                self.state.deferred[tunnel] = (time.monotonic(), True)
 
     def _forget_rekeyed(self, sa: dict[str, Any]) -> None:
         """The old CHILD_SA of a rekey leaves the HA mirror now, not when charon destroys
@@ -864,7 +881,7 @@ class GmnAgent:
                 # when our response arrives, so the data path keeps the old outbound SA
                 # until the peer deletes it (or for DEFER_SWITCH_S at the most)
                 ops += [PutOp(placement_key(t, tun), encode_json({"gpn": gpn}))]
-                self.state.deferred[(t, tun)] = time.monotonic()
+                self.state.deferred[(t, tun)] = (time.monotonic(), False)
                 log.info("tunnel %s/%s: outbound switch to %08x deferred until the peer deletes the old SA",
                          t, tun, sa.spi)
             else:
@@ -1124,19 +1141,25 @@ class GmnAgent:
 
     def _switch_deferred(self) -> None:
         """Outbound switches deferred for a peer's rekey that the peer never completed
-        with a DELETE: after DEFER_SWITCH_S the peer has long installed its inbound SA."""
+        with a DELETE: DEFER_SWITCH_S after our response (charon's child-rekey event) the
+        peer has long installed its inbound SA; without that event, DEFER_UNANSWERED_S
+        after the SA was placed."""
         now = time.monotonic()
-        for (t, tun), since in list(self.state.deferred.items()):
-            if now - since < DEFER_SWITCH_S:
+        for (t, tun), (since, answered) in list(self.state.deferred.items()):
+            waited = now - since
+            if waited < (DEFER_SWITCH_S if answered else DEFER_UNANSWERED_S):
                 continue
-            self.state.deferred.pop((t, tun), None)
             with self._sa_lock:
+                if self.state.deferred.get((t, tun)) != (since, answered):
+                    continue  # switched, or answered, meanwhile
+                self.state.deferred.pop((t, tun), None)
                 cur = self.view.get_json(steer_out_key(t, tun)) or {}
                 ops = self._repoint_outbound({"tenant": t, "tunnel": tun, "spi": cur.get("spi")}, exclude="",
                                              force=True)
                 if ops:
                     self._sa_txn(ops)
-                    log.info("tunnel %s/%s: deferred outbound switch done after %.0f s", t, tun, DEFER_SWITCH_S)
+                    log.info("tunnel %s/%s: deferred outbound switch done %.1f s after %s", t, tun, waited,
+                             "our response" if answered else "the SA was placed (charon's child-rekey event missed)")
 
     def _repair_steering(self) -> None:
         """Outbound steering that names an SA without a record, while the tunnel has

@@ -235,6 +235,65 @@ def test_repair_steering_points_a_dangling_outbound_steering_at_the_newest_sa() 
     assert {k: json.loads(put.value)[k] for k in ("gpn", "spi")} == {"gpn": "gpn2", "spi": "c0000003"}
 
 
+def test_a_deferred_outbound_switch_counts_from_our_response_not_from_the_sa(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's rekey we answered: the switch to the new outbound SA waits for the peer's
+    DELETE, or DEFER_SWITCH_S after charon's child-rekey event (our response sent), never
+    DEFER_SWITCH_S after the SA was placed: a loaded charon answered 2.8 s after that in
+    the lane, and a switch then lost the tenant's packets until the peer had the SA."""
+    import json
+    import threading
+
+    from protego.control.model import PREFIX, tenant_key, tunnel_key
+    from protego.gmn import agent as agent_mod
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV, PutOp
+
+    now = [1000.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: now[0])
+    a = _catch_up_agent(1.0)
+    a._sa_lock = threading.Lock()
+    a.state = _State()
+    txns: list[list[object]] = []
+    a._sa_txn = lambda ops: (txns.append(ops), 1)[1]  # type: ignore[method-assign]
+
+    def sa(spi: str, created: float) -> KV:
+        return KV(f"{PREFIX}sas/203.0.113.11/{spi}",
+                  json.dumps({"tenant": "acme", "tunnel": "hq", "spi": spi, "gpn": "gpn1", "direction": "out",
+                              "created": created, "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"}).encode(),
+                  2, 2, 1)
+
+    a.view.on_snapshot(10, [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
+                            KV(tunnel_key("acme", "hq"), json.dumps(HQ.to_json()).encode(), 1, 1, 1),
+                            sa("c0000001", 100.0), sa("c0000002", 200.0),
+                            KV(f"{PREFIX}steer/out/acme/hq",
+                               json.dumps({"gpn": "gpn1", "spi": "c0000001"}).encode(), 3, 3, 1)])
+    a.state.deferred[("acme", "hq")] = (now[0], False)  # the new SA c0000002 placed
+    now[0] += agent_mod.DEFER_SWITCH_S + 0.8  # charon has not answered yet
+    a._switch_deferred()
+    assert txns == [] and ("acme", "hq") in a.state.deferred
+    a._rekey_answered(("acme", "hq"))  # child-rekey: the response is on its way
+    a._rekey_answered(("acme", "branch"))  # not deferred: nothing to do
+    assert set(a.state.deferred) == {("acme", "hq")}
+    now[0] += agent_mod.DEFER_SWITCH_S - 0.1
+    a._switch_deferred()
+    assert txns == []
+    now[0] += 0.2
+    a._switch_deferred()
+    assert len(txns) == 1 and isinstance(txns[0][0], PutOp) and txns[0][0].key == f"{PREFIX}steer/out/acme/hq"
+    assert json.loads(txns[0][0].value)["spi"] == "c0000002"
+    assert a.state.deferred == {}
+    # were the event missed, the switch would come DEFER_UNANSWERED_S after the SA
+    txns.clear()
+    a.state.deferred[("acme", "hq")] = (now[0], False)
+    now[0] += agent_mod.DEFER_UNANSWERED_S - 0.1
+    a._switch_deferred()
+    assert txns == []
+    now[0] += 0.2
+    a._switch_deferred()
+    assert len(txns) == 1 and a.state.deferred == {}
+
+
 def test_a_recovery_rekey_that_lands_nothing_is_asked_again_soon(monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A tunnel on a dead GPN is rekeyed once; asked again after RECOVERY_REASK_S if not
