@@ -104,6 +104,7 @@ def run_send(dst: str, port: int, interval_ms: float, count: int, size: int, lin
     replies: dict[int, float] = {}  # seq -> rtt (s)
     arrivals: list[float] = []  # monotonic time of each first reply
     send_errors = 0
+    sent_at: list[float] = []  # wall-clock time of each send (to date the losses)
     start = time.monotonic()
     next_send = start
     linger_until: float | None = None
@@ -135,6 +136,7 @@ def run_send(dst: str, port: int, interval_ms: float, count: int, size: int, lin
             timeout = linger_until - now
         else:
             if now >= next_send:
+                sent_at.append(time.time())
                 try:
                     sock.send(HEADER.pack(run, sent, time.monotonic_ns()) + pad)
                 except (BlockingIOError, OSError):
@@ -152,10 +154,13 @@ def run_send(dst: str, port: int, interval_ms: float, count: int, size: int, lin
         if r:
             receive()
     missing = sorted(set(range(sent)) - set(replies))
+    ranges = _compress(missing)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     rtts = sorted(replies.values())
     return {
-        "sent": sent, "received": len(replies), "missing": _compress(missing),
+        "sent": sent, "received": len(replies), "missing": ranges,
+        # when each missing range was sent: wall-clock seconds of its first and last datagram
+        "missing_at": [[round(sent_at[a], 3), round(sent_at[b], 3)] for a, b in ranges],
         "max_gap_ms": round(max(gaps) * 1000, 3) if gaps else None,
         "rtt_median_ms": round(statistics.median(rtts) * 1000, 3) if rtts else None,
         "duration_s": round(time.monotonic() - start, 3), "send_errors": send_errors,
@@ -172,6 +177,7 @@ class ProbeResult:
     max_gap_ms: float | None = None
     rtt_median_ms: float | None = None
     duration_s: float = 0.0
+    lost_at: dict[int, float] = field(default_factory=dict)  # first seq of a lost range -> when sent (wall clock)
 
     @property
     def lost(self) -> int:
@@ -179,9 +185,24 @@ class ProbeResult:
 
     def describe(self) -> str:
         def short(x: list[int]) -> str:
-            return str(_compress(x)[:8])
+            out = []
+            for a, b in _compress(x)[:8]:
+                at = self.lost_at.get(a)
+                when = time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}" if at else "?"
+                out.append(f"{a}-{b} sent {when}")
+            return "[" + ", ".join(out) + "]"
         return (f"{self.lost} of {self.sent} lost (forward {short(self.lost_forward)}, "
                 f"reverse {short(self.lost_reverse)}), max gap {self.max_gap_ms} ms")
+
+
+def _lost_at(snd: dict[str, Any]) -> dict[int, float]:
+    """Every lost sequence number -> when it was sent (the sender dates its missing ranges
+    by their ends; inside a range, interpolated)."""
+    out: dict[int, float] = {}
+    for (a, b), (ta, tb) in zip(snd.get("missing", []), snd.get("missing_at", [])):
+        for s in range(a, b + 1):
+            out[s] = ta + (tb - ta) * (s - a) / (b - a) if b > a else ta
+    return out
 
 
 class UdpProbe:
@@ -232,7 +253,8 @@ class UdpProbe:
             sent=snd["sent"], received=snd["received"],
             lost_forward=[s for s in missing if s not in seen],
             lost_reverse=[s for s in missing if s in seen],
-            max_gap_ms=snd["max_gap_ms"], rtt_median_ms=snd["rtt_median_ms"], duration_s=snd["duration_s"])
+            max_gap_ms=snd["max_gap_ms"], rtt_median_ms=snd["rtt_median_ms"], duration_s=snd["duration_s"],
+            lost_at=_lost_at(snd))
         return self._result
 
     def __enter__(self) -> UdpProbe:

@@ -4,6 +4,7 @@ ways to look at it (SA records, the sites' IKE SAs, the GPNs' counters, probe st
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +54,24 @@ def gpn_counters(tb: tbmod.Testbed) -> dict[str, Any]:
     with tb.etcd() as e:
         return {kv.key.rsplit("/", 1)[-1]: {"drops": kv.json().get("drops"), "counters": kv.json().get("counters")}
                 for kv in e.get_prefix(f"{PREFIX}gpn/load/")[1]}
+
+
+def site_xfrm_stats(tb: tbmod.Testbed) -> dict[str, dict[str, int]]:
+    """Each site's kernel XFRM error counters (``/proc/net/xfrm_stat`` in its namespace;
+    empty where its charon runs libipsec): where a peer dropped our ESP, for failure
+    messages (see :func:`stats_delta`)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in tb.topology.sites:
+        res = subprocess.run(["ip", "netns", "exec", tb.ns(f"s-{s.name}"), "cat", "/proc/net/xfrm_stat"],
+                             capture_output=True, text=True, check=False)
+        out[s.name] = {k: int(v) for k, v in (ln.split() for ln in res.stdout.splitlines() if len(ln.split()) == 2)}
+    return out
+
+
+def stats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The counters that moved, per node."""
+    return {n: d for n, d in ((n, {k: v - before.get(n, {}).get(k, 0) for k, v in c.items()
+                                   if v != before.get(n, {}).get(k, 0)}) for n, c in after.items()) if d}
 
 
 def site_probe(tb: tbmod.Testbed, site: str, port: int = 7878) -> UdpProbe:

@@ -33,7 +33,7 @@ from protego.testbed.topology import load_topology
 from protego.testbed.traffic import ping
 from tests.conftest import wait_until
 from tests.integration.system_bed import (PREFIX, default_testbed, gpn_counters, ike_spis, placement, records,
-                                          rekey_every_child, restart_gpn)
+                                          rekey_every_child, restart_gpn, site_xfrm_stats, stats_delta)
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 
@@ -106,6 +106,7 @@ def test_ping_and_tcp_both_ways_and_isolation(tb: tbmod.Testbed, site: str) -> N
 
 
 def test_vici_rekeys_of_every_child_sa_lose_nothing(tb: tbmod.Testbed) -> None:
+    sites_before = site_xfrm_stats(tb)
     with contextlib.ExitStack() as stack:
         streams = {s.name: stack.enter_context(probe(tb, s.name, 7800 + i))
                    for i, s in enumerate(tb.topology.sites)}
@@ -114,7 +115,8 @@ def test_vici_rekeys_of_every_child_sa_lose_nothing(tb: tbmod.Testbed) -> None:
         time.sleep(8)  # past charon's delete_rekeyed_delay: the old inbound SAs are gone
         results = {site: st.stop() for site, st in streams.items()}
     lost = {site: res.describe() for site, res in results.items() if res.lost}
-    assert not lost, f"lost across the rekeys: {lost}; GPN counters: {gpn_counters(tb)}"
+    assert not lost, (f"lost across the rekeys: {lost}; GPN counters: {gpn_counters(tb)}; "
+                      f"the sites' XFRM errors meanwhile: {stats_delta(sites_before, site_xfrm_stats(tb))}")
     assert all(res.sent > 200 for res in results.values())
 
 

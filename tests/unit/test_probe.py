@@ -52,8 +52,10 @@ def test_every_datagram_comes_back_and_is_counted() -> None:
 
 def test_datagrams_sent_before_the_echo_starts_are_reported_missing() -> None:
     port = _free_port()
+    t0 = time.time()
     sender = _send(port, "--interval-ms", "5", "--linger", "1")
     time.sleep(0.5)
+    t1 = time.time()
     echo = _echo(port)
     try:
         time.sleep(0.5)
@@ -67,3 +69,13 @@ def test_datagrams_sent_before_the_echo_starts_are_reported_missing() -> None:
     assert res["received"] == res["sent"] - len(missing) > 0
     assert not missing & seen, "the echo never saw what is missing: forward losses"
     assert res["max_gap_ms"] is not None
+    # each missing range is dated by when its ends were sent: before the echo started
+    assert len(res["missing_at"]) == len(res["missing"])
+    first, last = res["missing_at"][0]
+    assert t0 <= first <= last <= t1 + 0.5, (t0, t1, res["missing_at"])
+    from protego.testbed.probe import ProbeResult, _lost_at
+    at = _lost_at(res)
+    assert set(at) == missing and at[0] == first
+    text = ProbeResult(sent=res["sent"], received=res["received"], lost_forward=sorted(missing),
+                       lost_at=at).describe()
+    assert f"0-{res['missing'][0][1]} sent {time.strftime('%H:%M:%S', time.gmtime(first))}" in text
