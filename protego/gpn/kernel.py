@@ -598,15 +598,20 @@ def _doing(what: str) -> Iterator[None]:
         raise DataplaneError(f"{what}: {exc}", exc.errno) from None
 
 
-def _xfrm_stat() -> dict[str, int]:
-    """The kernel's XFRM error counters (``/proc/net/xfrm_stat``) that are not zero."""
+def parse_xfrm_stat(text: str) -> dict[str, int]:
+    """The counters of a ``/proc/net/xfrm_stat`` text that are not zero."""
     out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and int(parts[1]):
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _xfrm_stat() -> dict[str, int]:
+    """This namespace's XFRM error counters (``/proc/net/xfrm_stat``) that are not zero."""
     try:
         with open("/proc/net/xfrm_stat") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 2 and parts[1].isdigit() and int(parts[1]):
-                    out[parts[0]] = int(parts[1])
+            return parse_xfrm_stat(f.read())
     except OSError:
-        pass
-    return out
+        return {}

@@ -177,7 +177,7 @@ class ProbeResult:
     max_gap_ms: float | None = None
     rtt_median_ms: float | None = None
     duration_s: float = 0.0
-    lost_at: dict[int, float] = field(default_factory=dict)  # first seq of a lost range -> when sent (wall clock)
+    lost_at: dict[int, float] = field(default_factory=dict)  # lost seq -> when it was sent (wall clock)
 
     @property
     def lost(self) -> int:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from protego.gpn.kernel import parse_xfrm_stat
 from protego.testbed import procs
 from protego.testbed import testbed as tbmod
 from protego.testbed.probe import UdpProbe
@@ -57,14 +58,14 @@ def gpn_counters(tb: tbmod.Testbed) -> dict[str, Any]:
 
 
 def site_xfrm_stats(tb: tbmod.Testbed) -> dict[str, dict[str, int]]:
-    """Each site's kernel XFRM error counters (``/proc/net/xfrm_stat`` in its namespace;
-    empty where its charon runs libipsec): where a peer dropped our ESP, for failure
+    """Each site's kernel XFRM error counters that are not zero (``/proc/net/xfrm_stat``
+    in its namespace; none where its charon runs libipsec): where a peer dropped our ESP, for failure
     messages (see :func:`stats_delta`)."""
     out: dict[str, dict[str, int]] = {}
     for s in tb.topology.sites:
         res = subprocess.run(["ip", "netns", "exec", tb.ns(f"s-{s.name}"), "cat", "/proc/net/xfrm_stat"],
                              capture_output=True, text=True, check=False)
-        out[s.name] = {k: int(v) for k, v in (ln.split() for ln in res.stdout.splitlines() if len(ln.split()) == 2)}
+        out[s.name] = parse_xfrm_stat(res.stdout)
     return out
 
 

@@ -205,3 +205,11 @@ def test_without_a_keep_a_left_tenant_goes_at_the_sync_that_sees_it_leave() -> N
     assert dp._kept_vnis(5.0) == {1001}
     dp._sas = {}
     assert dp._kept_vnis(5.0) == set() and not dp._vni_left
+
+
+def test_parse_xfrm_stat_keeps_the_counters_that_moved() -> None:
+    from protego.gpn.kernel import parse_xfrm_stat
+
+    text = "XfrmInError             \t0\nXfrmInStateSeqError     \t50\nXfrmOutNoStates 3\nnot a counter line\n"
+    assert parse_xfrm_stat(text) == {"XfrmInStateSeqError": 50, "XfrmOutNoStates": 3}
+    assert parse_xfrm_stat("") == {}
