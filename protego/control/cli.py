@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 import click
 
 from protego.context import CliContext
-from protego.control.model import Tenant, Tunnel, overlapping_selectors, parse_duration
+from protego.control.model import (
+    Tenant,
+    Tunnel,
+    check_psk,
+    check_rate,
+    overlapping_selectors,
+    parse_duration,
+    parse_unicast_v4,
+)
 from protego.control.store import ControlStore
 from protego.errors import ConfigError, ConflictError, ProtegoError
 
@@ -66,8 +74,8 @@ def tenant() -> None:
 @_errors
 def tenant_add(ctx: click.Context, name: str, vni: int, network: str, vip: str) -> None:
     """Add tenant NAME."""
-    _store(ctx).add_tenant(Tenant(name=name, vni=vni, network=network, vip=vip))
-    click.echo(f"tenant {name} added")
+    stored = _store(ctx).add_tenant(Tenant(name=name, vni=vni, network=network, vip=vip))
+    click.echo(f"tenant {name} added (vip {stored.vip})")
 
 
 @tenant.command("list")
@@ -172,14 +180,14 @@ def tunnel_add(ctx: click.Context, ref: str, remote_addrs: str, remote_ts: str, 
     """Add tunnel TENANT/TUNNEL."""
     tenant_name, name = _split_ref(ref)
     t = Tunnel(
-        tenant=tenant_name, name=name, remote_addrs=remote_addrs,
+        tenant=tenant_name, name=name, remote_addrs=parse_unicast_v4("--remote-addrs", remote_addrs),
         remote_ts=tuple(s.strip() for s in remote_ts.split(",") if s.strip()),
         local_ts=tuple(s.strip() for s in local_ts.split(",") if s.strip()),
         local_id=local_id, remote_id=remote_id, ike_proposals=ike_proposals, esp_proposals=esp_proposals,
         ike_rekey_time=parse_duration("--ike-rekey-time", ike_rekey_time),
         rekey_time=parse_duration("--rekey-time", rekey_time),
         life_time=0 if life_time in ("0", "0s") else parse_duration("--life-time", life_time),
-        dpd_delay=parse_duration("--dpd-delay", dpd_delay), rate_mbps=rate_mbps,
+        dpd_delay=parse_duration("--dpd-delay", dpd_delay), rate_mbps=check_rate("--rate", rate_mbps),
     )
     store = _store(ctx)
     t.validate(store.get_tenant(tenant_name))  # fail on bad input before asking for the PSK
@@ -201,6 +209,10 @@ def _tunnel_from_doc(doc: Any, where: str) -> tuple[Tunnel, bytes]:
     for req in ("tenant", "name", "remote_addrs", "remote_ts", "psk"):
         if not doc.get(req):
             raise ConfigError(f"{where}: {req} is required")
+    for f_ in ("tenant", "name", "remote_addrs", "local_id", "remote_id", "ike_proposals", "esp_proposals", "psk"):
+        if f_ in doc and not isinstance(doc[f_], str):
+            raise ConfigError(f"{where}: {f_} must be a string, not {type(doc[f_]).__name__}")
+    psk = check_psk(where, doc["psk"].encode())
 
     def sel(v: Any, field_: str) -> tuple[str, ...]:
         if isinstance(v, str):
@@ -219,17 +231,19 @@ def _tunnel_from_doc(doc: Any, where: str) -> tuple[Tunnel, bytes]:
         return parse_duration(f"{where}: {field_}", str(v))
 
     t = Tunnel(
-        tenant=str(doc["tenant"]), name=str(doc["name"]), remote_addrs=str(doc["remote_addrs"]),
+        tenant=doc["tenant"], name=doc["name"], remote_addrs=parse_unicast_v4(f"{where}: remote_addrs",
+                                                                             doc["remote_addrs"]),
         remote_ts=sel(doc["remote_ts"], "remote_ts"), local_ts=sel(doc.get("local_ts", ""), "local_ts"),
-        local_id=str(doc.get("local_id", "")), remote_id=str(doc.get("remote_id", "")),
-        ike_proposals=str(doc.get("ike_proposals", "aes128gcm16-prfsha256-ecp256")),
-        esp_proposals=str(doc.get("esp_proposals", "aes128gcm16")),
+        local_id=doc.get("local_id", ""), remote_id=doc.get("remote_id", ""),
+        ike_proposals=doc.get("ike_proposals", "aes128gcm16-prfsha256-ecp256"),
+        esp_proposals=doc.get("esp_proposals", "aes128gcm16"),
         ike_rekey_time=dur(doc.get("ike_rekey_time"), "ike_rekey_time", "4h"),
         rekey_time=dur(doc.get("rekey_time"), "rekey_time", "1h"),
         life_time=dur(doc.get("life_time"), "life_time", "0"),
-        dpd_delay=dur(doc.get("dpd_delay"), "dpd_delay", "10s"), rate_mbps=doc.get("rate_mbps", 0.0),
+        dpd_delay=dur(doc.get("dpd_delay"), "dpd_delay", "10s"),
+        rate_mbps=check_rate(where, doc.get("rate_mbps", 0.0)),
     )
-    return t, str(doc["psk"]).encode()
+    return t, psk
 
 
 @tunnel.command("load")
@@ -256,7 +270,7 @@ def tunnel_load(ctx: click.Context, source: Any) -> None:
         try:
             doc = json.loads(line)
         except ValueError as exc:
-            raise ConfigError(f"line {no}: not JSON ({exc.msg})") from None  # never echo the line: it holds a PSK
+            raise ConfigError(f"line {no}: not JSON ({getattr(exc, 'msg', 'not UTF-8')})") from None  # never echo the line: it holds a PSK
         t, psk = _tunnel_from_doc(doc, f"line {no}")
         if (t.tenant, t.name) in seen:
             raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name} appears twice")
@@ -272,19 +286,14 @@ def tunnel_load(ctx: click.Context, source: Any) -> None:
             raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name}: remote_ts {clash[2]} overlaps {clash[1]} "
                               f"of tunnel {clash[0]}")
         known.append(t)
-        if len(psk) < 16:
-            raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name}: the PSK must be at least 16 bytes")
         items.append((t, psk))
     if not items:
         raise ConfigError("no tunnel given")
-    added = 0
-    for t, psk in items:
-        try:
-            store.add_tunnel(t, psk)
-        except ProtegoError as exc:
-            raise click.ClickException(f"{added} of {len(items)} tunnels added; then {exc}") from None
-        added += 1
-    click.echo(f"{added} tunnel(s) added")
+    try:
+        store.add_tunnels(items)
+    except ProtegoError as exc:
+        raise click.ClickException(f"no tunnel added: {exc}") from None
+    click.echo(f"{len(items)} tunnel(s) added")
 
 
 @tunnel.command("list")

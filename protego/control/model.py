@@ -9,6 +9,7 @@ bad input with one message naming the field; nothing here does I/O.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ from protego.errors import ConfigError
 
 PREFIX = "/protego/v1/"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+PSK_MIN, PSK_MAX = 16, 1024  # bytes (VICI carries at most 65535; a PSK has no use for more than 1 KiB)
+ID_MAX = 255  # bytes of an IKE identity (an FQDN's limit; swanctl's identities are far shorter)
+RATE_MAX_MBPS = 400_000
 
 
 # --------------------------------------------------------------------------- keys
@@ -131,14 +135,69 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def _shown(value: Any) -> str:
+    """A value in an error message: short (a 70 kB identity is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def parse_addr(where: str, value: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: an address must be a string, not {type(value).__name__}")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ConfigError(f"{where}: malformed address {value!r}") from None
+        raise ConfigError(f"{where}: malformed address {_shown(value)}") from None
+
+
+def parse_unicast_v4(where: str, value: str) -> str:
+    """An IPv4 unicast address a host can own and a peer can reach, in canonical form
+    (IPv6 is refused until Protego carries it end to end)."""
+    addr = ipaddress.ip_address(parse_addr(where, value))
+    if addr.version != 4:
+        raise ConfigError(f"{where}: {addr} is IPv6; Protego supports IPv4 addresses only")
+    for bad, what in ((addr.is_unspecified, "unspecified"), (addr.is_loopback, "a loopback address"),
+                      (addr.is_multicast, "a multicast address"), (addr.is_link_local, "a link-local address"),
+                      (addr == ipaddress.IPv4Address("255.255.255.255"), "the broadcast address"),
+                      (addr.is_reserved, "a reserved address (240.0.0.0/4)")):
+        if bad:
+            raise ConfigError(f"{where}: {addr} is {what}, not a unicast address")
+    return str(addr)
+
+
+def check_identity(where: str, value: str) -> str:
+    """An IKE identity as swanctl takes it ('' = the default): a string of at most
+    ID_MAX bytes, printable, without NUL or line breaks."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string, not {type(value).__name__}")
+    size = len(value.encode())
+    if size > ID_MAX:
+        raise ConfigError(f"{where}: {size} bytes long; at most {ID_MAX}")
+    if not value.isprintable():
+        raise ConfigError(f"{where}: holds control characters")
+    return value
+
+
+def check_psk(where: str, psk: Any) -> bytes:
+    """A PSK as the store keeps it: bytes, PSK_MIN..PSK_MAX long (never echoed)."""
+    if not isinstance(psk, (bytes, bytearray)):
+        raise ConfigError(f"{where}: the PSK must be a string, not {type(psk).__name__}")
+    if not PSK_MIN <= len(psk) <= PSK_MAX:
+        raise ConfigError(f"{where}: the PSK must be {PSK_MIN} to {PSK_MAX} bytes long (it is {len(psk)})")
+    return bytes(psk)
+
+
+def check_rate(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= RATE_MAX_MBPS:
+        raise ConfigError(f"{where}: rate {_shown(value)} Mbit/s is not a number in range 0..{RATE_MAX_MBPS} "
+                          f"(0 = unlimited)")
+    return float(value)
 
 
 def parse_prefix(where: str, value: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: a prefix must be a string, not {type(value).__name__}")
     try:
         return str(ipaddress.ip_network(value, strict=True))
     except ValueError as exc:
@@ -174,17 +233,34 @@ class Tenant:
         if isinstance(self.vni, bool) or not isinstance(self.vni, int) or not 1 <= self.vni < 2**24:
             raise ConfigError(f"tenant {self.name}: VNI {self.vni!r} out of range 1..16777215")
         parse_prefix(f"tenant {self.name}: network", self.network)
-        vip = parse_addr(f"tenant {self.name}: vip", self.vip)
+        vip = parse_unicast_v4(f"tenant {self.name}: vip", self.vip)
+        if vip != self.vip:
+            raise ConfigError(f"tenant {self.name}: VIP {self.vip!r} is not in canonical form ({vip})")
         if ipaddress.ip_address(vip) in ipaddress.ip_network(self.network):
             raise ConfigError(f"tenant {self.name}: VIP {vip} lies inside the tenant's own network")
         return self
+
+    def canonical(self) -> "Tenant":
+        """The same tenant with its VIP and network in canonical form (what is stored and
+        indexed: ``10.0.0.01``-like spellings cannot make two VIPs of one)."""
+        vip = parse_unicast_v4(f"tenant {self.name}: vip", self.vip)
+        net = parse_prefix(f"tenant {self.name}: network", self.network)
+        return Tenant(self.name, self.vni, net, vip)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Tenant":
-        return cls(name=d["name"], vni=int(d["vni"]), network=d["network"], vip=d["vip"])
+        if not isinstance(d, dict):
+            raise ConfigError("tenant record: not a JSON object")
+        missing = [f for f in ("name", "vni", "network", "vip") if f not in d]
+        if missing:
+            raise ConfigError(f"tenant record: {', '.join(missing)} missing")
+        vni = d["vni"]
+        if isinstance(vni, bool) or not isinstance(vni, int):
+            raise ConfigError(f"tenant record: vni {_shown(vni)} is not an integer")
+        return cls(name=d["name"], vni=vni, network=d["network"], vip=d["vip"])
 
 
 @dataclass(frozen=True)
@@ -213,7 +289,15 @@ class Tunnel:
         check_name("tunnel", self.name)
         if self.tenant != tenant.name:
             raise ConfigError(f"{w}: belongs to tenant {self.tenant}, not {tenant.name}")
-        parse_addr(f"{w}: remote address", self.remote_addrs)
+        remote = parse_unicast_v4(f"{w}: remote address", self.remote_addrs)
+        if remote != self.remote_addrs:
+            raise ConfigError(f"{w}: remote address {self.remote_addrs!r} is not in canonical form ({remote})")
+        check_identity(f"{w}: local_id", self.local_id)
+        check_identity(f"{w}: remote_id", self.remote_id)
+        for f_ in ("remote_ts", "local_ts"):
+            v = getattr(self, f_)
+            if not isinstance(v, tuple) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{w}: {f_} must be a list of prefixes")
         if self.auth != "psk":
             raise ConfigError(f"{w}: auth {self.auth!r} not supported (psk)")
         if not self.remote_ts:
@@ -233,10 +317,11 @@ class Tunnel:
             v = getattr(self, f_)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{w}: {f_} must be a positive number of seconds")
+        if isinstance(self.life_time, bool) or not isinstance(self.life_time, int) or self.life_time < 0:
+            raise ConfigError(f"{w}: life_time must be a number of seconds (0: rekey_time + 10%)")
         if self.life_time and self.life_time <= self.rekey_time:
             raise ConfigError(f"{w}: life_time ({self.life_time}s) must exceed rekey_time ({self.rekey_time}s)")
-        if not isinstance(self.rate_mbps, (int, float)) or self.rate_mbps < 0 or self.rate_mbps > 400_000:
-            raise ConfigError(f"{w}: rate {self.rate_mbps!r} Mbit/s out of range 0..400000 (0 = unlimited)")
+        check_rate(w, self.rate_mbps)
         return self
 
     def effective_local_ts(self, tenant: Tenant) -> tuple[str, ...]:
@@ -260,9 +345,17 @@ class Tunnel:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Tunnel":
+        if not isinstance(d, dict):
+            raise ConfigError("tunnel record: not a JSON object")
+        missing = [f for f in ("tenant", "name", "remote_addrs", "remote_ts") if f not in d]
+        if missing:
+            raise ConfigError(f"tunnel record: {', '.join(missing)} missing")
         d = dict(d)
-        d["remote_ts"] = tuple(d.get("remote_ts", ()))
-        d["local_ts"] = tuple(d.get("local_ts", ()))
+        for f_ in ("remote_ts", "local_ts"):
+            v = d.get(f_, ())
+            if not isinstance(v, (list, tuple)):
+                raise ConfigError(f"tunnel record: {f_} is not a list")
+            d[f_] = tuple(v)
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         extra = {k: v for k, v in d.items() if k not in known}
         return cls(**{k: v for k, v in d.items() if k in known}, extra=extra)

@@ -71,8 +71,11 @@ def summarize(kvs: list[KV], now: float | None = None, events: int = 15) -> dict
             "bytes_in": cin.get("bytes"), "bytes_out": cout.get("bytes"),
         })
     evs = sorted(under("events/").values(), key=lambda e: e.get("ts", 0))[-events:]
+    # what each agent skipped (protego/store/refused.py): agent -> its refused records
+    refused = [{"agent": who, "count": r.get("count", 0), "records": r.get("records", [])}
+               for who, r in sorted(under("refused/").items()) if isinstance(r, dict) and r.get("count")]
     return {"time": now, "gmn_leader": leader.get("node") if leader else None, "gmns": gmns, "gpns": gpns,
-            "tenants": len(under("tenants/")), "tunnels": tunnels, "events": evs}
+            "tenants": len(under("tenants/")), "tunnels": tunnels, "events": evs, "refused": refused}
 
 
 def _gmn_line(g: dict[str, Any]) -> str:
@@ -120,6 +123,14 @@ def status(ctx: click.Context, as_json: bool, n_events: int) -> None:
                    f"{t['spi_in'] or '-':<9} {t['spi_out'] or '-':<9} {limit:>7} "
                    f"{t['bytes_in'] if t['bytes_in'] is not None else '-':>12} "
                    f"{t['bytes_out'] if t['bytes_out'] is not None else '-':>12}")
+    if st["refused"]:
+        click.echo(f"\nRefused records ({sum(r['count'] for r in st['refused'])}: skipped by the agents named; "
+                   f"fix or delete them)")
+        for r in st["refused"]:
+            for rec in r["records"]:
+                click.echo(f"  {r['agent']:<12} {rec.get('key', '?'):<40} {rec.get('reason', '')}")
+            if r["count"] > len(r["records"]):
+                click.echo(f"  {r['agent']:<12} ... and {r['count'] - len(r['records'])} more")
     if st["events"]:
         click.echo("\nRecent events")
         for e in st["events"]:

@@ -15,6 +15,7 @@ from protego.control.model import (
     PREFIX,
     Tenant,
     Tunnel,
+    check_psk,
     overlapping_selectors,
     secret_key,
     tenant_key,
@@ -30,6 +31,8 @@ from protego.store.etcd import DeleteOp, Etcd, PutOp, key_absent, mod_revision_i
 log = logging.getLogger(__name__)
 
 _RETRIES = 5
+# etcd's default --max-txn-ops; a larger batch is added one by one (and rolled back)
+MAX_TXN_OPS = 128
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
@@ -43,8 +46,10 @@ class ControlStore:
         self.etcd = etcd
 
     # ----------------------------------------------------------------- tenants
-    def add_tenant(self, tenant: Tenant) -> None:
-        tenant.validate()
+    def add_tenant(self, tenant: Tenant) -> Tenant:
+        """Store ``tenant`` (its VIP and network in canonical form, indexed so). Returns
+        what was stored."""
+        tenant = tenant.canonical().validate()
         res = self.etcd.txn(
             [key_absent(tenant_key(tenant.name)), key_absent(vni_index_key(tenant.vni)),
              key_absent(vip_index_key(tenant.vip))],
@@ -54,7 +59,7 @@ class ControlStore:
         )
         if res.succeeded:
             log.info("tenant %s added (vni %d, vip %s)", tenant.name, tenant.vni, tenant.vip)
-            return
+            return tenant
         if self.etcd.get(tenant_key(tenant.name)) is not None:
             raise ConflictError(f"tenant {tenant.name} already exists")
         owner = self.etcd.get(vni_index_key(tenant.vni))
@@ -101,8 +106,7 @@ class ControlStore:
 
     # ----------------------------------------------------------------- tunnels
     def add_tunnel(self, tunnel: Tunnel, psk: bytes) -> None:
-        if len(psk) < 16:
-            raise ConfigError(f"tunnel {tunnel.tenant}/{tunnel.name}: the PSK must be at least 16 bytes")
+        check_psk(f"tunnel {tunnel.tenant}/{tunnel.name}", psk)
         for _ in range(_RETRIES):
             tkv = self.etcd.get(tenant_key(tunnel.tenant))
             if tkv is None:
@@ -132,6 +136,59 @@ class ControlStore:
                 log.info("tunnel %s/%s added (remote %s)", tunnel.tenant, tunnel.name, tunnel.remote_addrs)
                 return
         raise ConflictError(f"tunnel {tunnel.tenant}/{tunnel.name}: too many concurrent changes, try again")
+
+    def add_tunnels(self, items: list[tuple[Tunnel, bytes]]) -> None:
+        """Add every tunnel of ``items`` or none: one transaction when it fits etcd's
+        limit of operations per transaction, else one by one, the ones added removed
+        again if a later one is refused."""
+        for t, psk in items:
+            check_psk(f"tunnel {t.tenant}/{t.name}", psk)
+        tenants = sorted({t.tenant for t, _ in items})
+        if 3 * len(items) + len(tenants) <= MAX_TXN_OPS:
+            for _ in range(_RETRIES):
+                compares, ops = [], []
+                for name in tenants:
+                    tkv = self.etcd.get(tenant_key(name))
+                    if tkv is None:
+                        raise ConfigError(f"unknown tenant '{name}'")
+                    tenant = Tenant.from_json(json.loads(tkv.value))
+                    guard = self.etcd.get(tunnel_guard_key(name))
+                    existing = self.list_tunnels(name)
+                    mine = [t for t, _ in items if t.tenant == name]
+                    for t in mine:
+                        t.validate(tenant)
+                        if any(e.name == t.name for e in existing):
+                            raise ConflictError(f"tunnel {t.tenant}/{t.name} already exists")
+                        clash = overlapping_selectors(t, existing)
+                        if clash:
+                            raise ConfigError(f"tunnel {t.tenant}/{t.name}: remote_ts {clash[2]} overlaps "
+                                              f"{clash[1]} of tunnel {clash[0]} in the same tenant")
+                        existing.append(t)
+                    compares += [mod_revision_is(tenant_key(name), tkv.mod_revision),
+                                 mod_revision_is(tunnel_guard_key(name), guard.mod_revision if guard else 0)]
+                    ops.append(PutOp(tunnel_guard_key(name), mine[-1].name.encode()))
+                for t, psk in items:
+                    compares.append(key_absent(tunnel_key(t.tenant, t.name)))
+                    ops += [PutOp(tunnel_key(t.tenant, t.name), _dump(t.to_json())),
+                            PutOp(secret_key(t.tenant, t.name), psk)]
+                if self.etcd.txn(compares, ops).succeeded:
+                    log.info("%d tunnel(s) added in one transaction", len(items))
+                    return
+            raise ConflictError(f"{len(items)} tunnels: too many concurrent changes, try again")
+        added: list[Tunnel] = []
+        try:
+            for t, psk in items:
+                self.add_tunnel(t, psk)
+                added.append(t)
+        except BaseException:
+            for t in reversed(added):
+                try:
+                    self.remove_tunnel(t.tenant, t.name)
+                except Exception as exc:  # noqa: BLE001 - reported, the original error goes on
+                    log.error("tunnel %s/%s: added, and could not be removed again: %s", t.tenant, t.name, exc)
+            if added:
+                log.warning("%d tunnel(s) added and removed again: a later one was refused", len(added))
+            raise
 
     def get_tunnel(self, tenant: str, name: str) -> Tunnel:
         kv = self.etcd.get(tunnel_key(tenant, name))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protego.control import acks
-from protego.control.model import PREFIX, Tenant, Tunnel, steer_out_tunnel
+from protego.control.model import PREFIX, Tenant, Tunnel, check_psk, steer_out_tunnel
 from protego.errors import ConfigError, PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
@@ -45,6 +45,7 @@ from protego.gmn.records import (
     placement_key,
     sa_key,
     sa_record,
+    sa_record_problem,
     spi_hex,
     spi_reservation_key,
     sastats_key,
@@ -53,7 +54,8 @@ from protego.gmn.records import (
     steer_out_record,
     steer_in_record,
 )
-from protego.store.etcd import DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, lease_is, mod_revision_is
+from protego.store.etcd import KV, DeleteOp, Etcd, Lease, PutOp, encode_json, key_absent, lease_is, mod_revision_is
+from protego.store.refused import RefusedPublisher, RefusedRecords
 from protego.store.view import PrefixView
 from vici import exception as vici_exception
 
@@ -226,7 +228,13 @@ class GmnAgent:
     def __init__(self, cfg: GmnConfig, etcd: Etcd) -> None:
         self.cfg = cfg
         self.etcd = etcd
-        self.view = PrefixView(on_change=self._on_view_change)
+        # records that cannot be used are skipped one by one, never fatal (store/refused.py)
+        self.refused = RefusedRecords("gmn", cfg.node)
+        self._refused_pub = RefusedPublisher(self.refused, self._put_refused, self.etcd.delete)
+        self.view = PrefixView(on_change=self._on_view_change,
+                               on_bad=lambda kv, why: self.refused.refuse(kv.key, kv.mod_revision, why))
+        self._parse_lock = threading.Lock()
+        self._parse_cache: dict[str, dict[str, tuple[Any, Any]]] = {}  # prefix -> key -> (version, parsed)
         self._applied = threading.Condition()
         self.state = _State()
         self._wake = threading.Event()
@@ -267,7 +275,8 @@ class GmnAgent:
     def start(self) -> "GmnAgent":
         if self.cfg.fabric_addr and self.cfg.ack_port is not None:
             try:
-                self._acks = acks.AckReceiver(self.cfg.fabric_addr, self.cfg.ack_port, self._on_direct_ack).start()
+                self._acks = acks.AckReceiver(self.cfg.fabric_addr, self.cfg.ack_port, self._on_direct_ack,
+                                              self._ack_key).start()
             except OSError as exc:
                 raise ConfigError(f"cannot open the acknowledgement channel on {self.cfg.fabric_addr}:"
                                   f"{self.cfg.ack_port}: {exc.strerror or exc}") from None
@@ -334,12 +343,20 @@ class GmnAgent:
         """An acknowledgement over the fabric (AckReceiver's thread): kept beside the etcd
         one it precedes, the higher revision of the two counts (``_ack_value``)."""
         key = f"{PREFIX}{kind}/applied/{node}"
+        # no revision beyond the newest we know: a datagram cannot claim what etcd has not
+        # reached (a forged 2^62 satisfied every wait for good before this bound)
+        known = max(self.view.revision, self._own_rev)
         with self._applied:
             cur = self._direct_acks.setdefault(key, {})
             for f, v in fields.items():
+                v = min(v, known)
                 if v > cur.get(f, 0):
                     cur[f] = v
             self._applied.notify_all()
+
+    def _ack_key(self, kind: str, node: str) -> bytes | None:
+        """The key ``node`` acknowledges with (``acks/keys/<kind>/<node>``, which it wrote)."""
+        return acks.sender_key(self.view.get_json(acks.sender_key_path(kind, node)))
 
     def _ack_value(self, key: str, field_: str) -> int:
         """The revision ``key``'s acknowledgement has reached in ``field_``: etcd's record
@@ -391,6 +408,12 @@ class GmnAgent:
                 log.warning("gmn reconcile failed (%s); retrying", exc)
                 time.sleep(0.5)
                 self._wake.set()
+            # also after a failed pass (charon unreachable): what was refused is shown
+            self.refused.prune(self._refused_revision)
+            try:
+                self._refused_pub.publish()
+            except ProtegoError as exc:
+                log.warning("could not publish the refused records (%s); retrying", exc)
 
     # ------------------------------------------------------------------ VICI events
     def _follow_vici_events(self) -> None:
@@ -605,37 +628,154 @@ class GmnAgent:
         self._event("gmn-takeover", detail=f"{info['ike_sas']} IKE SAs, {info['child_sas']} CHILD_SAs "
                                            f"active after {info['ms']} ms")
 
+    # ------------------------------------------------------------------ refused records
+    def _refused_revision(self, key: str) -> int | None:
+        """The revision a refused record has now (None: deleted); what a refusal that is
+        not the record's own (charon refused its connection) is dated by too."""
+        return self.view.revision_of(key)
+
+    def _put_refused(self, key: str, report: dict[str, Any]) -> None:
+        self.etcd.put_json(key, report, lease=self._lease)
+
+    def _parsed(self, prefix: str, parse: Any, version: Any = None) -> dict[str, Any]:
+        """key -> parse(kv) for the records under ``prefix``; a record ``parse`` refuses
+        (ConfigError, or the KeyError/TypeError/ValueError of a malformed one) is skipped
+        and refused, and None (not for this agent) is skipped silently. Parsed once per
+        version (``version(kv)``, default its mod_revision)."""
+        out: dict[str, Any] = {}
+        with self._parse_lock:
+            old = self._parse_cache.get(prefix, {})
+            cache: dict[str, tuple[Any, Any]] = {}
+            for kv in self.view.items(prefix):
+                ver = version(kv) if version is not None else kv.mod_revision
+                hit = old.get(kv.key)
+                if hit is None or hit[0] != ver:
+                    try:
+                        hit = (ver, parse(kv))
+                    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                        why = str(exc) if isinstance(exc, ConfigError) else \
+                            f"malformed ({type(exc).__name__}: {exc})"
+                        self.refused.refuse(kv.key, kv.mod_revision, why)
+                        hit = (ver, None)
+                    else:
+                        if hit[1] is not None:
+                            self.refused.accept(kv.key)
+                cache[kv.key] = hit
+                if hit[1] is not None:
+                    out[kv.key] = hit[1]
+            self._parse_cache[prefix] = cache
+        return out
+
+    def _object(self, kv: KV) -> dict[str, Any]:
+        obj = json.loads(kv.value)
+        if not isinstance(obj, dict):
+            raise ConfigError(f"a JSON {type(obj).__name__}, not an object")
+        return obj
+
     # ------------------------------------------------------------------ desired state
+    def _tenant_records(self) -> dict[str, Tenant]:
+        """name -> tenant, of the records that validate (a record's key names its tenant)."""
+        def parse(kv: KV) -> Tenant:
+            t = Tenant.from_json(self._object(kv)).validate()
+            if kv.key != f"{PREFIX}tenants/{t.name}":
+                raise ConfigError(f"tenant record names tenant {t.name!r}, its key another")
+            return t
+        return {t.name: t for t in self._parsed(f"{PREFIX}tenants/", parse).values()}
+
     def tenants(self) -> list[Tenant]:
-        return [Tenant.from_json(v) for v in self.view.json_items(f"{PREFIX}tenants/").values()]
+        return list(self._tenant_records().values())
 
     def tunnels(self) -> list[Tunnel]:
-        return [Tunnel.from_json(v) for v in self.view.json_items(f"{PREFIX}tunnels/").values()]
+        """The tunnels that validate against their tenant (a tunnel whose tenant is not
+        known, or not valid, is left out: nothing can be loaded for it)."""
+        tenants = self._tenant_records()
+
+        def version(kv: KV) -> tuple[int, int]:
+            tenant_kv = self.view.get(f"{PREFIX}tenants/{kv.key[len(PREFIX) + len('tunnels/'):].split('/')[0]}")
+            return kv.mod_revision, tenant_kv.mod_revision if tenant_kv is not None else 0
+
+        def parse(kv: KV) -> Tunnel | None:
+            t = Tunnel.from_json(self._object(kv))
+            if kv.key != f"{PREFIX}tunnels/{t.tenant}/{t.name}":
+                raise ConfigError("tunnel record names another tunnel than its key")
+            tenant = tenants.get(t.tenant)
+            return t.validate(tenant) if tenant is not None else None
+        return list(self._parsed(f"{PREFIX}tunnels/", parse, version).values())
 
     def _secrets(self) -> dict[tuple[str, str], bytes]:
-        out = {}
-        for kv in self.view.items(f"{PREFIX}secrets/"):
+        def parse(kv: KV) -> tuple[tuple[str, str], bytes] | None:
             parts = kv.key[len(PREFIX) + len("secrets/"):].split("/")
-            if len(parts) == 2:
-                out[(parts[0], parts[1])] = kv.value
-        return out
+            if len(parts) != 2:
+                return None
+            check_psk("secret", kv.value)  # the reason names the length, never the value
+            return (parts[0], parts[1]), kv.value
+        return dict(self._parsed(f"{PREFIX}secrets/", parse).values())
+
+    def _sa_records(self) -> dict[str, dict[str, Any]]:
+        """key -> SA record, of the ``sas/`` records whose fields the GMN's flows can read."""
+        def parse(kv: KV) -> dict[str, Any]:
+            rec = self._object(kv)
+            why = sa_record_problem(kv.key, rec)
+            if why is not None:
+                raise ConfigError(why)
+            return rec
+        return self._parsed(f"{PREFIX}sas/", parse)
+
+    def _placements(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(tenant, tunnel) -> placement record (``gpn`` and ``next_gpn`` strings)."""
+        prefix = f"{PREFIX}placement/"
+
+        def parse(kv: KV) -> tuple[tuple[str, str], dict[str, Any]] | None:
+            parts = kv.key[len(prefix):].split("/")
+            if len(parts) != 2:
+                return None
+            rec = self._object(kv)
+            for f in ("gpn", "next_gpn"):
+                if f in rec and rec[f] is not None and not isinstance(rec[f], str):
+                    raise ConfigError(f"{f} is not a string")
+            return (parts[0], parts[1]), rec
+        return dict(self._parsed(prefix, parse).values())
+
+    def _placement(self, tenant: str, tunnel: str) -> dict[str, Any]:
+        return self._placements().get((tenant, tunnel), {})
+
+    def _gpn_nodes(self) -> dict[str, dict[str, Any]]:
+        """GPN name -> its registration (``started``: a number)."""
+        prefix = f"{PREFIX}gpn/nodes/"
+
+        def parse(kv: KV) -> tuple[str, dict[str, Any]]:
+            rec = self._object(kv)
+            started = rec.get("started", 0)
+            if isinstance(started, bool) or not isinstance(started, (int, float)):
+                raise ConfigError("started is not a number")
+            return kv.key[len(prefix):], rec
+        return dict(self._parsed(prefix, parse).values())
 
     # ------------------------------------------------------------------ VIPs on lo
     def _reconcile_vips(self) -> None:
         from pyroute2 import IPRoute
 
         # both GMNs hold the VIPs: the GIN steers IKE to the active one only
-        want = {t.vip for t in self.tenants()}
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        # tenants() holds valid tenants only: IPv4 unicast VIPs in canonical form
+        want = {t.vip: t.name for t in self.tenants()}
         with IPRoute() as ip:
             lo = ip.link_lookup(ifname="lo")[0]
             have = {}
             for a in ip.get_addr(index=lo, family=2):
                 if a.get_attr("IFA_LABEL") == VIP_LABEL:
                     have[a.get_attr("IFA_ADDRESS")] = a
-            for vip in sorted(want - set(have)):
-                ip.addr("add", index=lo, address=vip, prefixlen=32, label=VIP_LABEL)
+            for vip in sorted(set(want) - set(have)):
+                try:
+                    ip.addr("add", index=lo, address=vip, prefixlen=32, label=VIP_LABEL)
+                except NetlinkError as exc:  # one VIP the kernel refuses costs that VIP only
+                    key = f"{PREFIX}tenants/{want[vip]}"
+                    self.refused.refuse(key, self.view.revision_of(key) or 0,
+                                        f"the kernel refused VIP {vip} on lo: {exc}")
+                    continue
                 log.info("VIP %s added on lo", vip)
-            for vip in sorted(set(have) - want):
+            for vip in sorted(set(have) - set(want)):
                 ip.addr("del", index=lo, address=vip, prefixlen=32)
                 log.info("VIP %s removed from lo", vip)
 
@@ -655,10 +795,17 @@ class GmnAgent:
                 if name in loaded and self.state.loaded.get(name) == fp:
                     continue
                 tenant, tunnel = split_conn_name(name)  # type: ignore[misc]
-                # the secret first: a connection is never loaded without its PSK
-                v.load_psk(secret_id(tenant, tunnel), secrets_[(tenant, tunnel)], owners)
-                v.load_conn(name, body)
+                try:
+                    # the secret first: a connection is never loaded without its PSK
+                    v.load_psk(secret_id(tenant, tunnel), secrets_[(tenant, tunnel)], owners)
+                    v.load_conn(name, body)
+                except PeerError as exc:  # charon refused this one: the others go on
+                    key = f"{PREFIX}tunnels/{tenant}/{tunnel}"
+                    self.refused.refuse(key, self.view.revision_of(key) or 0, str(exc))
+                    self.state.loaded.pop(name, None)
+                    continue
                 self.state.loaded[name] = fp
+                self.refused.accept(f"{PREFIX}tunnels/{tenant}/{tunnel}")
                 log.info("tunnel %s/%s loaded into charon", tenant, tunnel)
             for name in sorted(loaded - set(desired)):
                 tenant, tunnel = split_conn_name(name)  # type: ignore[misc]
@@ -690,16 +837,15 @@ class GmnAgent:
 
     # ------------------------------------------------------------------ GPNs
     def gpn_views(self) -> dict[str, GpnView]:
-        nodes = self.view.json_items(f"{PREFIX}gpn/nodes/")
+        nodes = self._gpn_nodes()
         health = self.view.json_items(f"{PREFIX}gpn/health/")
         counts: dict[str, int] = {}
-        for p in self.view.json_items(f"{PREFIX}placement/").values():
-            counts[p.get("gpn", "")] = counts.get(p.get("gpn", ""), 0) + 1
+        for p in self._placements().values():
+            counts[p.get("gpn") or ""] = counts.get(p.get("gpn") or "", 0) + 1
         for g in self.state.pending_gpn.values():  # placed a moment ago, not yet in etcd
             counts[g] = counts.get(g, 0) + 1
         out = {}
-        for key, _node in nodes.items():
-            name = key.rsplit("/", 1)[1]
+        for name in nodes:
             h = health.get(f"{PREFIX}gpn/health/{name}", {})
             admin = self.view.get_json(f"{PREFIX}gpn/admin/{name}") or {}
             out[name] = GpnView(name, True, h.get("state", "alive") != "dead", counts.get(name, 0),
@@ -826,10 +972,12 @@ class GmnAgent:
                 self._reconcile_records()
         except ProtegoError as exc:
             log.error("handling %s failed: %s", ev.kind, exc)
+            if ev.kind == "add_sa":
+                raise  # the plugin server answers FAILED: charon must not use an SA without a record
 
     def _find_record(self, spi: int, dst: str | None) -> tuple[str, dict[str, Any]] | None:
         hexspi = spi_hex(spi)
-        for key, rec in self.view.json_items(f"{PREFIX}sas/").items():
+        for key, rec in self._sa_records().items():
             if rec.get("spi") == hexspi and (dst is None or rec.get("dst") == dst):
                 return key, rec
         return None
@@ -847,7 +995,7 @@ class GmnAgent:
             return
         self._catch_up()
         with self._sa_lock:
-            placement = self.view.get_json(placement_key(t, tun)) or {}
+            placement = self._placement(t, tun)
             pinned = self.state.pinned.get((t, tun)) or placement.get("next_gpn")
             if sa.inbound:
                 try:
@@ -1135,7 +1283,7 @@ class GmnAgent:
     def _outbound_records(self, tenant: str, tunnel: str, exclude_spi: int | None = None
                           ) -> list[tuple[str, dict[str, Any]]]:
         hexspi = spi_hex(exclude_spi) if exclude_spi is not None else None
-        return [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+        return [(k, r) for k, r in self._sa_records().items()
                 if r.get("tenant") == tenant and r.get("tunnel") == tunnel and r.get("direction") == "out"
                 and r.get("spi") != hexspi and k not in self._deleting]
 
@@ -1170,7 +1318,7 @@ class GmnAgent:
         self._catch_up()
         with self._sa_lock:
             spis: dict[tuple[str, str], set[str]] = {}  # tunnel -> its outbound SAs' SPIs
-            for r in self.view.json_items(f"{PREFIX}sas/").values():
+            for r in self._sa_records().values():
                 if r.get("direction") == "out":
                     spis.setdefault((r.get("tenant"), r.get("tunnel")), set()).add(r.get("spi"))
             for key, cur in self.view.json_items(f"{PREFIX}steer/out/").items():
@@ -1194,7 +1342,7 @@ class GmnAgent:
         cur = self.view.get_json(steer_out_key(t, tun)) or {}
         if not force and cur.get("spi") not in (None, rec["spi"]):
             return []
-        others = [(k, r) for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+        others = [(k, r) for k, r in self._sa_records().items()
                   if k != exclude and k not in self._deleting
                   and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]
         if not others:
@@ -1227,7 +1375,9 @@ class GmnAgent:
         land on the target (``_add_sa``), steering follows the records, charon deletes
         the old SAs and their records go with them."""
         for kv in self.view.items(MIGRATE_PREFIX):
-            key, req = kv.key, kv.json()
+            key, req = kv.key, self.view.get_json(kv.key)
+            if req is None:
+                continue  # not an object: refused (the view names it)
             self._req_rev[key] = kv.mod_revision
             parts = key[len(MIGRATE_PREFIX):].split("/")
             if len(parts) != 2:
@@ -1241,6 +1391,8 @@ class GmnAgent:
                     self._check_migration(key, tenant, tunnel, req)
             except ProtegoError as exc:
                 self._finish_migration(key, tenant, tunnel, req, "failed", str(exc))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a malformed request
+                self.refused.refuse(key, kv.mod_revision, f"malformed migration request ({type(exc).__name__}: {exc})")
 
     def _start_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any]) -> None:
         target = str(req.get("to", ""))
@@ -1251,7 +1403,7 @@ class GmnAgent:
         if self.view.get(f"{PREFIX}tunnels/{tenant}/{tunnel}") is None:
             self._finish_migration(key, tenant, tunnel, req, "failed", "no such tunnel")
             return
-        if (self.view.get_json(placement_key(tenant, tunnel)) or {}).get("gpn") == target:
+        if (self._placement(tenant, tunnel)).get("gpn") == target:
             # nothing to move (a rekey would only burn an SA pair): said so, not pretended
             self._finish_migration(key, tenant, tunnel, {**req, "from": target}, "done", f"already on {target}")
             return
@@ -1261,7 +1413,7 @@ class GmnAgent:
             if child is None:
                 self._finish_migration(key, tenant, tunnel, req, "failed", "the tunnel has no established CHILD_SA")
                 return
-            place = self.view.get_json(placement_key(tenant, tunnel)) or {}
+            place = self._placement(tenant, tunnel)
             source = place.get("gpn")
             with self._sa_lock:
                 # the request's state and the pin in one transaction (the pin in memory
@@ -1281,7 +1433,7 @@ class GmnAgent:
 
     def _check_migration(self, key: str, tenant: str, tunnel: str, req: dict[str, Any]) -> None:
         target = req["to"]
-        recs = [r for r in self.view.json_items(f"{PREFIX}sas/").values()
+        recs = [r for r in self._sa_records().values()
                 if r.get("tenant") == tenant and r.get("tunnel") == tunnel]
         out = self.view.get_json(steer_out_key(tenant, tunnel)) or {}
         switched = out.get("gpn") == target and any(r["direction"] == "in" and r["gpn"] == target for r in recs) \
@@ -1360,15 +1512,10 @@ class GmnAgent:
         ``_add_sa`` never places on an unusable GPN, so the new SAs land elsewhere and
         the dead GPN's SAs are never used again (charon deletes them after the rekey)."""
         gpns = self.gpn_views()
-        prefix = f"{PREFIX}placement/"
         now = time.monotonic()
         todo: dict[tuple[str, str], str] = {}
         newest: dict[tuple[str, str], float] | None = None  # tunnel -> its newest SA's creation
-        for key, place in self.view.json_items(prefix).items():
-            parts = key[len(prefix):].split("/")
-            if len(parts) != 2:
-                continue
-            tun = (parts[0], parts[1])
+        for tun, place in self._placements().items():
             gpn = place.get("gpn")
             if not gpn or (gpn in gpns and not gpns[gpn].failed):
                 # on a healthy GPN (again): a later failure must be acted on at once
@@ -1422,7 +1569,7 @@ class GmnAgent:
         """tunnel -> when its newest SA record was created (a recovery rekey that placed
         an SA is under way: its outbound SA, and with it the placement, follow)."""
         out: dict[tuple[str, str], float] = {}
-        for r in self.view.json_items(f"{PREFIX}sas/").values():
+        for r in self._sa_records().values():
             tun = (str(r.get("tenant")), str(r.get("tunnel")))
             out[tun] = max(out.get(tun, 0.0), float(r.get("created", 0) or 0))
         return out
@@ -1432,11 +1579,10 @@ class GmnAgent:
         """A GPN that restarted lost its outbound sequence counters and never reinstalls
         an outbound SA created before it started (a sequence number must never be
         reused): rekey those tunnels' CHILD_SAs. The IKE SA stays; one round trip."""
-        started = {k.rsplit("/", 1)[1]: float(v.get("started") or 0)
-                   for k, v in self.view.json_items(f"{PREFIX}gpn/nodes/").items()}
+        started = {name: float(v.get("started") or 0) for name, v in self._gpn_nodes().items()}
         now = time.time()
         todo: dict[tuple[str, str], str] = {}
-        for key, rec in self.view.json_items(f"{PREFIX}sas/").items():
+        for key, rec in self._sa_records().items():
             if rec.get("direction") != "out" or rec.get("gpn") not in started:
                 continue
             if float(rec.get("created", 0)) >= started[rec["gpn"]]:
@@ -1495,7 +1641,7 @@ class GmnAgent:
         # finished just before it failed)
         adopt = self._active_since is not None and time.monotonic() - self._active_since > ADOPT_GRACE_S
         records = {(int(r["spi"], 16), r["dst"]): (k, r)
-                   for k, r in self.view.json_items(f"{PREFIX}sas/").items()
+                   for k, r in self._sa_records().items()
                    if r.get("gmn") == self.cfg.node or adopt}
         for (spi, dst) in sorted(set(records) - held):
             log.info("SA %08x is gone from charon: removing its record", spi)

@@ -50,8 +50,10 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
         ha_rt_priority: int, apply_timeout: float) -> None:
     """Run the GMN agent until SIGTERM/SIGINT."""
     from protego.gmn.agent import GmnAgent, GmnConfig
+    from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
 
     obj = ctx.find_object(CliContext) or CliContext()
+    fatal = FatalThreads().install()  # no thread dies silently: the process exits non-zero
     # charon's kernel-protego calls are answered inside an IKE exchange: they must not
     # wait out 5 ms GIL slices of the reconcile loop
     sys.setswitchinterval(0.0005)
@@ -67,8 +69,12 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None
     done = threading.Event()
+    fatal.on_fatal = done.set  # a thread that dies ends the wait too
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    fatal.stopping()
     agent.stop()
     obj.close()
+    if fatal.reason:
+        raise SystemExit(EXIT_THREAD_DIED)

@@ -20,8 +20,10 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: plugin calls served at once (charon's default thread pool has 16 threads)
 POOL_WORKERS = 32
+# the history of calls kept for inspection (tests, debugging): bounded, and without keys
+EVENT_HISTORY = 4096
+_NO_KEY = pp.Secret(b"")
 _CONCURRENT = (pp.AddSa, pp.DelSa, pp.UpdateSa, pp.GetSpi, pp.QuerySa)
 
 SaKey = tuple[int, int, str]
@@ -108,8 +113,13 @@ class PluginServer:
         on_change: Callable[[Event], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         software: str = "protego-gmn",
+        allowed_uids: set[int] | None = None,
     ) -> None:
         self.path = Path(path)
+        # who may connect (SO_PEERCRED): root and this process's own user (charon runs as
+        # root; the socket is also mode 0600)
+        self.allowed_uids = allowed_uids if allowed_uids is not None else {0, os.geteuid()}
+        self.refused_peers = 0
         self._allocate = spi_allocator
         self._counters = counters
         self._on_change = on_change
@@ -119,7 +129,7 @@ class PluginServer:
         self.sas: dict[SaKey, SaRecord] = {}
         self.policies: dict[tuple[object, ...], pp.AddPolicy] = {}
         self.allocated: set[int] = set()
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         self.dumps: list[pp.DumpEnd] = []
         self.hello: pp.Hello | None = None
         self.connections = 0
@@ -226,6 +236,19 @@ class PluginServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            try:
+                pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
+            except OSError as exc:
+                log.warning("plugin connection without peer credentials refused: %s", exc)
+                conn.close()
+                continue
+            if uid not in self.allowed_uids:
+                self.refused_peers += 1
+                log.warning("plugin connection from pid %d uid %d refused (allowed uids: %s)", pid, uid,
+                            ", ".join(map(str, sorted(self.allowed_uids))))
+                conn.close()
+                continue
             old, self._conn = self._conn, conn
             if old is not None:
                 old.close()
@@ -294,14 +317,26 @@ class PluginServer:
                 self._on_change(event)
             except Exception as exc:  # noqa: BLE001 - an agent bug must not kill the server
                 log.error("on_change callback failed for %s: %s", event.kind, exc)
+                if event.kind == "add_sa" and isinstance(msg, pp.AddSa):
+                    # the agent could not place it (its record was not written): charon
+                    # must not go on with an SA no data path has; it fails the CHILD_SA
+                    with self._lock:
+                        self.sas.pop(msg.key, None)
+                    reply = pp.Reply(request_type=msg.TYPE, status=pp.Status.FAILED,
+                                     error="the SA could not be recorded")
         if request_id and reply is not None:
             self._send(reply, request_id)
         if isinstance(msg, pp.Hello) and reply is not None and reply.status != pp.Status.OK:
             raise pp.VersionMismatch("plugin protocol version mismatch")
 
     def _record(self, kind: str, msg: pp.Message, status: pp.Status) -> Event:
+        """The event handed to the agent (the whole message); the history keeps a copy
+        without the keys."""
         event = Event(kind, msg, status)
-        self.events.append(event)
+        kept = event
+        if isinstance(msg, pp.AddSa) and (msg.enc_key != _NO_KEY or msg.int_key != _NO_KEY):
+            kept = Event(kind, dataclasses.replace(msg, enc_key=_NO_KEY, int_key=_NO_KEY), status)
+        self.events.append(kept)
         self._lock.notify_all()
         return event
 

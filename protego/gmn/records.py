@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -132,3 +133,32 @@ def steer_out_record(owner: Owner, gpn: str, spi: int, local_ts: list[str]) -> d
         "local_ts": local_ts, "remote_ts": list(owner.tunnel.remote_ts),
         "rate_mbps": owner.tunnel.rate_mbps,
     }
+
+
+def sa_record_problem(key: str, rec: dict[str, Any]) -> str | None:
+    """Why an ``sas/<vip>/<spi>`` record cannot be used by the GMN (None: it can): the
+    fields its flows read, with their types. The reason never carries a key."""
+    parts = key[len(PREFIX) + len("sas/"):].split("/")
+    if len(parts) != 2:
+        return "key is not sas/<vip>/<spi>"
+    for f, typ in (("spi", str), ("vip", str), ("direction", str), ("tenant", str), ("tunnel", str),
+                   ("gpn", str), ("src", str), ("dst", str)):
+        if not isinstance(rec.get(f), typ):
+            return f"{f} is missing or not a {typ.__name__}"
+    if rec["direction"] not in ("in", "out"):
+        return "direction is not in/out"
+    if not re.fullmatch(r"[0-9a-f]{8}", rec["spi"]) or rec["spi"] != parts[1]:
+        return "spi is not the key's 8 hex digits"
+    if rec["vip"] != parts[0]:
+        return "vip is not the key's"
+    created = rec.get("created", 0)
+    if isinstance(created, bool) or not isinstance(created, (int, float)):
+        return "created is not a number"
+    lts = rec.get("local_ts", [])
+    if not isinstance(lts, list) or not all(isinstance(x, str) for x in lts):
+        return "local_ts is not a list of prefixes"
+    for f in ("sport", "dport"):
+        v = rec.get(f, 4500)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535):
+            return f"{f} is not a port number"
+    return None

@@ -36,7 +36,6 @@ tunnels and SPIs only.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -50,6 +49,7 @@ from protego.control.acks import AckSender
 from protego.control.model import PREFIX, steer_out_tunnel
 from protego.errors import ConfigError, DataplaneError, ProtegoError
 from protego.store.etcd import Etcd, Lease, PutOp, encode_json, key_present
+from protego.store.refused import RefusedPublisher, RefusedRecords
 from protego.store.view import PrefixView
 from protego.store.writer import LatestWriter
 
@@ -224,13 +224,15 @@ class GpnAgent:
         self.etcd: Etcd | None = None
         self.engine: Engine | KernelDataPath | None = None
         self.backend = "userspace"
-        self.sas_view = PrefixView(on_change=self._kick)
-        self.aux_view = PrefixView(on_change=self._kick)
+        # records that cannot be used are skipped one by one, never fatal (store/refused.py)
+        self.refused = RefusedRecords("gpn", cfg.node)
+        self._refused_pub = RefusedPublisher(self.refused, self._put_refused, self._delete_refused)
+        self.sas_view = PrefixView(on_change=self._kick, on_bad=self._on_bad)
+        self.aux_view = PrefixView(on_change=self._kick, on_bad=self._on_bad)
         self.installed: dict[str, tuple[int, GpnSa]] = {}  # key -> (mod_revision, SA)
         self.lingering: dict[str, tuple[float, GpnSa]] = {}  # outbound SAs whose record went: until when
         self._linger_since: dict[str, float] = {}  # when each lingering SA's record went
         self.burnt: set[str] = set()  # outbound SA keys never to install again
-        self.refused: dict[str, str] = {}
         self._parsed: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
         self.registered_revision = 0
         self._acked = (0, 0)
@@ -242,7 +244,7 @@ class GpnAgent:
         self._stats_sent: dict[str, tuple[int, int]] = {}
         self._stats_sent_ts: dict[str, float] = {}
         self.last_stats: Any = None
-        self.steer_view = PrefixView(on_change=self._kick)
+        self.steer_view = PrefixView(on_change=self._kick, on_bad=self._on_bad)
         self.acks: AckSender | None = None
         self._ack_writer: LatestWriter[tuple[int, int, float, Lease]] = LatestWriter(
             "gpn-ack-writer", self._write_ack, self._ack_failed)
@@ -286,6 +288,8 @@ class GpnAgent:
     def _connect(self) -> None:
         self.etcd = self._etcd_factory()
         self._lease = self.etcd.lease(self.cfg.lease_ttl, on_lost=lambda _l: self._on_lease_lost())
+        if self.cfg.direct_acks:  # before the registration, which publishes its key
+            self.acks = AckSender("gpn", self.cfg.node)
         self._register()
         self._watches = [
             self.etcd.snapshot_and_watch(f"{PREFIX}sas/", self.sas_view, resync_interval=self.cfg.resync_interval,
@@ -295,19 +299,40 @@ class GpnAgent:
         ]
         self._watches.append(self.etcd.snapshot_and_watch(
             f"{PREFIX}steer/", self.steer_view, resync_interval=self.cfg.resync_interval, name="gpn-steer"))
-        if self.cfg.direct_acks:
-            self.acks = AckSender("gpn", self.cfg.node).watch(self.etcd, resync_interval=self.cfg.resync_interval)
+        if self.acks is not None:
+            self.acks.watch(self.etcd, resync_interval=self.cfg.resync_interval)
         self.sas_view.synced.wait(10)
 
     def _register(self) -> None:
         assert self.etcd is not None and self._lease is not None and self.engine is not None
         rec = {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr, "cores": self.engine.workers,
                "backend": self.backend, "started": self.started}
+        if self.acks is not None:  # the key the GMNs check our acknowledgement datagrams with
+            self.etcd.put_json(self.acks.key_path, self.acks.key_record(), lease=self._lease)
         rev = self.etcd.put_json(f"{PREFIX}gpn/nodes/{self.cfg.node}", rec, lease=self._lease)
         # a new lease: the acknowledgement went with the old one; the next pass writes it
         self._acked, self._acked_state = (0, 0), None
+        self._refused_pub.invalidate()
         if not self.registered_revision:  # the first registration of this agent's life
             self.registered_revision = rev
+
+    def _on_bad(self, kv: Any, why: str) -> None:
+        self.refused.refuse(kv.key, kv.mod_revision, why)
+
+    def _refused_revision(self, key: str) -> int | None:
+        for view in (self.sas_view, self.steer_view, self.aux_view):
+            rev = view.revision_of(key)
+            if rev is not None:
+                return rev
+        return None
+
+    def _put_refused(self, key: str, report: dict[str, Any]) -> None:
+        assert self.etcd is not None
+        self.etcd.put_json(key, report, lease=self._lease)
+
+    def _delete_refused(self, key: str) -> None:
+        assert self.etcd is not None
+        self.etcd.delete(key)
 
     def _on_lease_lost(self) -> None:
         log.warning("gpn %s: registration lease lost; registering again", self.cfg.node)
@@ -373,6 +398,13 @@ class GpnAgent:
                 log.warning("gpn reconcile failed (%s); retrying", exc)
                 time.sleep(0.5)
                 self._wake.set()
+            # also after a failed pass: what was refused is shown
+            self.refused.prune(self._refused_revision)
+            if self._lease is not None:
+                try:
+                    self._refused_pub.publish()
+                except ProtegoError as exc:
+                    log.warning("could not publish the refused records (%s); retrying", exc)
 
     # ------------------------------------------------------------------ reconcile
     def reconcile(self) -> None:
@@ -387,26 +419,26 @@ class GpnAgent:
         # parse each record once per mod_revision (reconcile runs on every change)
         want: dict[str, tuple[int, int, GpnSa]] = {}
         bad: dict[str, str] = {}
+        kv_rev: dict[str, int] = {}
         cache: dict[str, tuple[int, tuple[int, int, GpnSa] | None, str | None]] = {}
         for kv in self.sas_view.items(f"{PREFIX}sas/"):
             hit = self._parsed.get(kv.key)
             if hit is None or hit[0] != kv.mod_revision:
-                try:
-                    rec = json.loads(kv.value)
-                except ValueError:
-                    continue
-                ok, err = desired_sas({kv.key: (kv.create_revision, kv.mod_revision, rec)}, self.cfg.node)
-                hit = (kv.mod_revision, ok.get(kv.key), err.get(kv.key))
+                rec = self.sas_view.get_json(kv.key)  # None: not an object (refused by the view)
+                if rec is None:
+                    hit = (kv.mod_revision, None, None)
+                else:
+                    ok, err = desired_sas({kv.key: (kv.create_revision, kv.mod_revision, rec)}, self.cfg.node)
+                    hit = (kv.mod_revision, ok.get(kv.key), err.get(kv.key))
             cache[kv.key] = hit
             if hit[1] is not None:
                 want[kv.key] = hit[1]
             elif hit[2] is not None:
                 bad[kv.key] = hit[2]
+            kv_rev[kv.key] = kv.mod_revision
         self._parsed = cache
-        for key, why in bad.items():
-            if self.refused.get(key) != why:
-                log.error("SA record %s refused: %s", key, why)
-        self.refused = bad
+        for key, why in bad.items():  # logged once per version of the record
+            self.refused.refuse(key, kv_rev[key], why)
         # SAs to remove go last, after the egress table stops naming them: a worker must
         # never hold a route to an outbound SA it no longer has
         steer = {}
@@ -480,7 +512,9 @@ class GpnAgent:
                 self.burnt.add(key)
             self._stats_sent.pop(key, None)
             log.info("%s: removed", g.label)
-        hosts = HostDirectory.parse_etcd(self.aux_view.json_items(f"{PREFIX}vnet/"))
+        hosts = HostDirectory.parse_etcd(
+            self.aux_view.json_items(f"{PREFIX}vnet/"),
+            lambda key, why: self.refused.refuse(key, self.aux_view.revision_of(key) or 0, why))
         if hosts != self._hosts:
             self.engine.set_hosts(hosts)
             self._hosts = hosts

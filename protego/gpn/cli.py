@@ -46,9 +46,11 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
         canary_interval_ms: float, canary_misses: int) -> None:
     """Run the GPN agent and its data path until SIGTERM/SIGINT."""
     from protego.gpn.agent import GpnAgent, GpnConfig
+    from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
     from protego.gpn.engine import parse_cpu_list
 
     obj = ctx.find_object(CliContext) or CliContext()
+    fatal = FatalThreads().install()  # no thread dies silently: the process exits non-zero
     # the agent's loop shares the GIL with its etcd watch, lease and writer threads: with the
     # default 5 ms slices, a pass that installs a migration's SA waited out several of them
     # (passes of 10-30 ms on an idle testbed, measured); the workers are processes of their own
@@ -75,12 +77,15 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
         raise click.ClickException(str(exc)) from None
     del endpoints
     while not done.wait(0.5):
-        if agent.failed:
+        if agent.failed or fatal.event.is_set():
             break
+    fatal.stopping()
     agent.stop()
     obj.close()
     if agent.failed:
         raise click.ClickException(f"GPN data path failed: {agent.failed}")
+    if fatal.reason:
+        raise SystemExit(EXIT_THREAD_DIED)
 
 
 @gpn.command()

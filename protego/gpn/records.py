@@ -137,8 +137,27 @@ def _b64(rec: dict[str, Any], name: str, where: str) -> bytes:
         raise ConfigError(f"{where}: field {name!r} is not valid base64") from None
 
 
+def _num(rec: dict[str, Any], name: str, default: int, lo: int, hi: int, where: str) -> int:
+    """An optional integer field (absent, null or 0: ``default``)."""
+    value = rec.get(name) or default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: field {name!r} is not an integer in {lo}..{hi}")
+    return value
+
+
 def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
-    """Validate one ``sas/<vip>/<spi>`` record. Raises ``ConfigError`` (no key bytes)."""
+    """Validate one ``sas/<vip>/<spi>`` record. Raises ``ConfigError`` (no key bytes), and
+    nothing else, whatever the record holds."""
+    try:
+        return _parse_sa_record(rec, where)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        # the type only: a message could quote a value, and values include keys
+        raise ConfigError(f"{where}: malformed ({type(exc).__name__} reading it)") from None
+
+
+def _parse_sa_record(rec: Any, where: str) -> GpnSa:
     if not isinstance(rec, dict):
         raise ConfigError(f"{where}: not a JSON object")
     spi_text = _field(rec, "spi", str, where)
@@ -171,12 +190,12 @@ def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
         keys = SaKeys(enc, auth_key=integ)
     src = _field(rec, "src", str, where)
     dst = _field(rec, "dst", str, where)
-    sport = int(rec.get("sport") or 4500)
-    dport = int(rec.get("dport") or 4500)
+    sport = _num(rec, "sport", 4500, 1, 65535, where)
+    dport = _num(rec, "dport", 4500, 1, 65535, where)
     encap = UdpEncap(sport, dport) if rec.get("encap") else None
     # charon's default receive window is 32; the engine's window is at least 64
     # (a larger window only accepts more reordering, never a replay)
-    window = int(rec.get("replay_window") or MIN_REPLAY_WINDOW)
+    window = _num(rec, "replay_window", MIN_REPLAY_WINDOW, 0, 1 << 32, where)
     window = min(max(window, MIN_REPLAY_WINDOW), MAX_REPLAY_WINDOW)
     lts = rec.get("lifetimes") or {}
     try:
@@ -194,7 +213,7 @@ def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
         sa = SecurityAssociation(
             spi=spi, direction=Direction.INBOUND if inbound else Direction.OUTBOUND,
             suite=suite, keys=keys, src=src, dst=dst, encap=encap, replay_window=window,
-            esn=bool(rec.get("esn", False)), lifetime=lifetime, reqid=int(rec.get("reqid") or 0),
+            esn=bool(rec.get("esn", False)), lifetime=lifetime, reqid=_num(rec, "reqid", 0, 0, (1 << 32) - 1, where),
             tunnel_id=f"{tenant}/{tunnel}",
         )
     except ConfigError as exc:
@@ -205,7 +224,7 @@ def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
         sa=sa, vip=_field(rec, "vip", str, where), tenant=tenant, tunnel=tunnel, vni=vni,
         local_ts=parse_ts(rec.get("local_ts") or [], f"{where} local_ts"),
         remote_ts=parse_ts(rec.get("remote_ts") or [], f"{where} remote_ts"),
-        created=float(rec.get("created") or 0.0),
+        created=float(_field(rec, "created", (int, float), where)) if "created" in rec else 0.0,
         peer=src if inbound else dst, peer_port=sport if inbound else dport,
     )
 

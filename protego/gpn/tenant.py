@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 __all__ = [
@@ -157,9 +157,10 @@ class HostDirectory:
         return len(self._known) + len(self._learned)
 
     @staticmethod
-    def parse_etcd(items: dict[str, dict]) -> dict[tuple[int, int], tuple[bytes, str]]:  # type: ignore[type-arg]
+    def parse_etcd(items: dict[str, dict],  # type: ignore[type-arg]
+                   on_bad: Callable[[str, str], None] | None = None) -> dict[tuple[int, int], tuple[bytes, str]]:
         """``{"/protego/v1/vnet/<vni>/<ip>": {mac, vtep, ...}}`` -> directory entries
-        (malformed ones are skipped)."""
+        (malformed ones are skipped, and handed to ``on_bad(key, reason)``)."""
         out: dict[tuple[int, int], tuple[bytes, str]] = {}
         for key, val in items.items():
             parts = key.rstrip("/").split("/")
@@ -168,7 +169,9 @@ class HostDirectory:
                 ip = int(ipaddress.IPv4Address(parts[-1]))
                 mac = mac_bytes(str(val["mac"]))
                 vtep = str(ipaddress.IPv4Address(val["vtep"]))
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                if on_bad is not None:
+                    on_bad(key, f"not a vnet/<vni>/<ip> host entry with mac and vtep ({type(exc).__name__})")
                 continue
             out[(vni, ip)] = (mac, vtep)
         return out

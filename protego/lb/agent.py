@@ -31,6 +31,7 @@ from protego.lb import heartbeat as hb
 from protego.lb import model, policy, ruleset
 from protego.lb.nft import NftAdapter
 from protego.lb.routes import RouteAdapter
+from protego.store.refused import RefusedPublisher, RefusedRecords
 from protego.store.writer import LatestWriter
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,9 @@ class Reconciler:
         return self.last
 
 
+HEALTH_RETRY_MAX_S = 2.0  # a health write that failed is tried again at most this long after
+
+
 class LbAgent:
     def __init__(self, cfg: LbConfig, store: Any, nft: NftAdapter, routes: RouteAdapter | None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -195,6 +199,12 @@ class LbAgent:
         self._ack_writer: LatestWriter[tuple[int, float]] = LatestWriter("lb-ack-writer", self._write_ack,
                                                                          self._ack_failed)
         self._health_q: queue.SimpleQueue[hb.Transition | None] = queue.SimpleQueue()
+        self._health_stop = threading.Event()
+        self._ack_key_written = False
+        # entries the steering refused, published for `protego status` (store/refused.py)
+        self.refused = RefusedRecords("lb", cfg.node, clock=clock)
+        self._refused_pub = RefusedPublisher(
+            self.refused, lambda key, report: self.store.put(key, encode(report)), lambda key: self.store.delete(key))
         self.monitor: hb.HeartbeatMonitor | None = None
 
     # -- health ------------------------------------------------------------ #
@@ -208,19 +218,42 @@ class LbAgent:
             tr = self._health_q.get()
             if tr is None:
                 return
-            value = {"state": tr.state, "since": self._clock(), "reason": tr.reason, "by": self.cfg.node}
-            key = f"{model.PREFIX}{model.GPN_HEALTH}{tr.gpn}"
-            for attempt in range(5):
-                try:
-                    cur = self.store.get(key)
-                    if cur is not None and _state_of(cur) == tr.state:
-                        break  # already so (e.g. after our restart): keep its `since`
-                    if not self.store.cas(key, encode(value), cur.mod_revision if cur else 0):
-                        continue  # somebody wrote meanwhile: look again
-                    break
-                except ProtegoError as exc:
-                    log.warning("writing health of GPN %s failed (%s); retrying", tr.gpn, exc)
-                    time.sleep(0.1 * 2 ** attempt)
+            self._write_health(tr)
+
+    def _write_health(self, tr: hb.Transition) -> bool:
+        """Write one GPN's health until it is written (or the agent stops): a GPN that dies
+        while etcd is out of reach is declared dead once etcd is back, not never."""
+        key = f"{model.PREFIX}{model.GPN_HEALTH}{tr.gpn}"
+        attempt = 0
+        while not self._health_stop.is_set():
+            try:
+                cur = self.store.get(key)
+                if cur is not None and _state_of(cur) == tr.state:
+                    return True  # already so (e.g. after our restart): keep its `since`
+                value = {"state": tr.state, "since": self._clock(), "reason": tr.reason, "by": self.cfg.node}
+                if self.store.cas(key, encode(value), cur.mod_revision if cur else 0):
+                    if attempt:
+                        log.info("health of GPN %s (%s) written after %d failed attempt(s)", tr.gpn, tr.state,
+                                 attempt)
+                    return True
+                continue  # somebody wrote meanwhile: look again
+            except ProtegoError as exc:
+                if attempt % 10 == 0:
+                    log.warning("writing health of GPN %s (%s) failed (%s); retrying until written", tr.gpn,
+                                tr.state, exc)
+                self._health_stop.wait(min(HEALTH_RETRY_MAX_S, 0.1 * 2 ** attempt))
+                attempt += 1
+        return False
+
+    def _reassert_health(self) -> None:
+        """After a resync: every GPN's state as our detector sees it, written where etcd
+        says otherwise (a write lost to an outage, a record deleted by hand)."""
+        if self.monitor is None:
+            return
+        now = time.monotonic()
+        for gpn, st in self.monitor.stats().items():
+            if st.get("state") in ("alive", "dead"):
+                self._health_q.put(hb.Transition(gpn, str(st["state"]), "re-asserted after a resync", now))
 
     # -- main loop --------------------------------------------------------- #
     def wake(self) -> None:
@@ -233,6 +266,7 @@ class LbAgent:
                 model.PREFIX + sub, self.view.handler(sub), name=f"lb:{sub}"))
         if self.cfg.direct_acks:
             self.acks = AckSender("lb", self.cfg.node).watch(self.store)
+            self._publish_ack_key()
         writer = threading.Thread(target=self._health_writer, name="health-writer", daemon=True)
         writer.start()
         if self.cfg.heartbeat:
@@ -264,24 +298,44 @@ class LbAgent:
                 entries, steer_rev = self.view.snapshot_with_revision(WATCHED[0])
                 full = failures > 0 or time.monotonic() >= next_resync
                 try:
-                    self.reconciler.reconcile(entries, full=full)
+                    last = self.reconciler.reconcile(entries, full=full)
                     failures = 0
                     self._ack(steer_rev)
+                    self.refused.replace({model.PREFIX + e.split(": ", 1)[0]: e for e in last.get("errors", [])})
                 except ProtegoError as exc:
                     failures += 1
                     log.error("reconcile failed (%s); retrying", exc)
                 except Exception:  # a bug must not take the data path's repairs down
                     failures += 1
                     log.exception("reconcile crashed; retrying")
+                self._publish_ack_key()
+                try:
+                    self._refused_pub.publish()
+                except ProtegoError as exc:  # published at a later pass
+                    log.warning("could not publish the refused entries: %s", exc)
                 if self.monitor is not None:
                     state = model.build_state(entries)
                     self.monitor.set_gpns({g.name: g.fabric_addr for g in state.gpns.values()})
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + self.cfg.resync_interval
+                    self._reassert_health()
         finally:
+            self._health_stop.set()
             self.close()
             self._health_q.put(None)
             writer.join(2)
+
+    def _publish_ack_key(self) -> None:
+        """The key the GMNs check our acknowledgement datagrams with (``acks/keys/lb/<node>``);
+        retried at the next pass while etcd is out of reach (the etcd acknowledgements
+        carry on meanwhile)."""
+        if self.acks is None or self._ack_key_written:
+            return
+        try:
+            self.store.put(self.acks.key_path, encode(self.acks.key_record()))
+            self._ack_key_written = True
+        except ProtegoError as exc:
+            log.warning("could not publish the acknowledgement key (%s); retrying", exc)
 
     def _ack(self, revision: int) -> None:
         """Publish the etcd revision of ``steer/`` the kernel now reflects

@@ -116,6 +116,8 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
     if "gin" in cfg.roles and not vips:
         logging.getLogger(__name__).warning(
             "no --vip given: the GIN steers the VIPs of the tenants in etcd and those named in steer/in")
+    from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
+
     store = Etcd(list(cfg.etcd_endpoints))
     routes = RouteAdapter() if "gin" in cfg.roles else None
     agent = LbAgent(cfg, store, NftAdapter(), routes)
@@ -127,13 +129,18 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # no thread dies silently: the loop stops and the process exits non-zero
+    fatal = FatalThreads(on_fatal=lambda: on_signal(0, None)).install()
     logging.getLogger(__name__).info("protego lb (%s) starting, etcd %s", role, ", ".join(etcd_endpoints))
     try:
         agent.run(stop)
     finally:
+        fatal.stopping()
         if routes is not None:
             routes.close()
         store.close()
+    if fatal.reason:
+        raise SystemExit(EXIT_THREAD_DIED)
 
 
 @lb.command("cleanup")

@@ -15,9 +15,15 @@ from protego.store.etcd import KV, Event, EventType
 
 
 class PrefixView:
-    """key -> KV under one prefix; thread-safe; ``on_change()`` after every update."""
+    """key -> KV under one prefix; thread-safe; ``on_change()`` after every update.
 
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    Every record Protego keeps is a JSON object: :meth:`get_json` and :meth:`json_items`
+    give objects only. A value that is not one (corrupt, or written by hand) is skipped,
+    never fatal, and handed to ``on_bad(kv, reason)`` (an agent's refused-records list)."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None,
+                 on_bad: Callable[[KV, str], None] | None = None) -> None:
+        self.on_bad = on_bad
         self._kvs: dict[str, KV] = {}
         self._lock = threading.Lock()
         self._on_change = on_change
@@ -49,19 +55,35 @@ class PrefixView:
         with self._lock:
             return self._kvs.get(key)
 
-    def get_json(self, key: str) -> Any | None:
+    def get_json(self, key: str) -> dict[str, Any] | None:
         kv = self.get(key)
-        return json.loads(kv.value) if kv is not None else None
+        return self._object(kv) if kv is not None else None
+
+    def revision_of(self, key: str) -> int | None:
+        kv = self.get(key)
+        return kv.mod_revision if kv is not None else None
 
     def items(self, prefix: str) -> list[KV]:
         with self._lock:
             return [kv for k, kv in self._kvs.items() if k.startswith(prefix)]
 
-    def json_items(self, prefix: str) -> dict[str, Any]:
+    def json_items(self, prefix: str) -> dict[str, dict[str, Any]]:
         out = {}
         for kv in self.items(prefix):
-            try:
-                out[kv.key] = json.loads(kv.value)
-            except ValueError:
-                continue  # a foreign or corrupt value: ignored, never fatal
+            obj = self._object(kv)
+            if obj is not None:
+                out[kv.key] = obj
         return out
+
+    def _object(self, kv: KV) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(kv.value)
+        except ValueError:
+            reason = "not JSON"
+        else:
+            if isinstance(obj, dict):
+                return obj
+            reason = f"a JSON {type(obj).__name__}, not an object"
+        if self.on_bad is not None:
+            self.on_bad(kv, reason)
+        return None

@@ -57,7 +57,7 @@ def test_tunnel_lifecycle(store, etcd) -> None:  # type: ignore[no-untyped-def]
         store.add_tunnel(tun(name="branch", ts="10.201.0.0/16"), PSK)
     with pytest.raises(ConfigError, match="unknown tenant 'nobody'"):
         store.add_tunnel(tun(tenant="nobody"), PSK)
-    with pytest.raises(ConfigError, match="at least 16 bytes"):
+    with pytest.raises(ConfigError, match="16 to 1024 bytes"):
         store.add_tunnel(tun(name="short"), b"short")
     assert snapshot(etcd) == before
     store.remove_tunnel("acme", "hq")
@@ -134,6 +134,18 @@ def test_cli_round_trip(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped
     (["tenant", "add", "bad", "--vni", "1001", "--network", "10.5.0.0/24", "--vip", "203.0.113.50"],
      b"VNI 1001 is already used"),
     (["tunnel", "remove", "acme/none"], b"unknown tunnel 'acme/none'"),
+    # issue #19's repros: each was accepted and stored
+    (["tenant", "add", "lo", "--vni", "7", "--network", "10.7.0.0/24", "--vip", "127.0.0.1"], b"loopback"),
+    (["tenant", "add", "any", "--vni", "7", "--network", "10.7.0.0/24", "--vip", "0.0.0.0"], b"unspecified"),
+    (["tenant", "add", "mc", "--vni", "7", "--network", "10.7.0.0/24", "--vip", "224.0.0.1"], b"multicast"),
+    (["tenant", "add", "v6", "--vni", "7", "--network", "10.7.0.0/24", "--vip", "2001:db8::1"], b"IPv4 addresses only"),
+    (["tunnel", "add", "acme/x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24", "--rate", "nan"],
+     b"not a number in range"),
+    (["tunnel", "add", "acme/x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24", "--rate", "inf"],
+     b"not a number in range"),
+    (["tunnel", "add", "acme/x", "--remote-addrs", "198.18.1.2", "--remote-ts", "10.9.0.0/24",
+      "--local-id", "x" * 70_000], b"local_id: 70000 bytes long"),
+    (["tunnel", "add", "acme/x", "--remote-addrs", "127.0.0.1", "--remote-ts", "10.9.0.0/24"], b"loopback"),
 ])
 def test_cli_bad_input_one_clear_error(etcd, etcd_loopback, args, msg) -> None:  # type: ignore[no-untyped-def]
     ControlStore(etcd).add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
@@ -143,6 +155,42 @@ def test_cli_bad_input_one_clear_error(etcd, etcd_loopback, args, msg) -> None: 
     assert msg in r.stderr, r.stderr
     assert b"Traceback" not in r.stderr
     assert snapshot(etcd) == before
+
+
+def test_cli_refuses_a_psk_out_of_bounds(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped-def]
+    ControlStore(etcd).add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
+    before = snapshot(etcd)
+    for psk, msg in ((b"k" * 1_300_000, b"16 to 1024 bytes long (it is 1300000)"), (b"short", b"(it is 5)")):
+        r = cli(etcd_loopback, "tunnel", "add", "acme/x", "--remote-addrs", "198.18.1.2", "--remote-ts",
+                "10.9.0.0/24", "--psk-file", "-", stdin=psk)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-300:]
+        assert psk not in r.stderr and snapshot(etcd) == before
+
+
+def test_a_vip_is_stored_and_indexed_in_canonical_form(store, etcd) -> None:  # type: ignore[no-untyped-def]
+    """Was: ``2001:db8::1`` and ``2001:DB8:0::1`` were accepted as two VIPs (the index
+    was keyed by the raw string). IPv6 is refused now; every VIP is indexed canonically."""
+    with pytest.raises(ConfigError, match="IPv4 addresses only"):
+        store.add_tenant(Tenant("v6", 7, "10.7.0.0/24", "2001:DB8:0::1"))
+    assert etcd.get("/protego/v1/index/vip/203.0.113.11").value == b"acme"
+    with pytest.raises(ConflictError, match="VIP 203.0.113.11 is already used by tenant acme"):
+        store.add_tenant(Tenant("globex", 7, "10.7.0.0/24", "203.0.113.11"))
+
+
+@pytest.mark.parametrize("count", [3, 60])  # one transaction; more than etcd takes in one (one by one)
+def test_store_adds_every_tunnel_or_none(store, etcd, count) -> None:  # type: ignore[no-untyped-def]
+    store.add_tunnel(tun(name="taken", ts="10.250.0.0/24"), PSK)
+    items = [(tun(name=f"b{i}", ts=f"10.210.{i}.0/24"), PSK) for i in range(count)]
+    items.insert(count - 1, (tun(name="taken", ts="10.251.0.0/24"), PSK))  # refused at etcd, not before
+    def state() -> dict[str, bytes]:  # the tenant's guard is a change counter: bumped by the roll-back
+        return {k: v for k, v in snapshot(etcd).items() if "/guard/" not in k}
+
+    before = state()
+    with pytest.raises(ConflictError, match="tunnel acme/taken already exists"):
+        store.add_tunnels(items)
+    assert state() == before
+    store.add_tunnels([it for it in items if it[0].name != "taken"])
+    assert len(store.list_tunnels("acme")) == count + 1
 
 
 def _line(name: str, ts: str, **kw: object) -> bytes:
@@ -161,7 +209,13 @@ def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback) -> None:  # typ
                      (_line("b9", "10.211.0.0/24", esp_proposals="3des-md5"), b"not supported"),
                      (b'{"tenant": "acme", ' + PSK + b"\n", b"line 6: not JSON"),
                      (_line("b0", "10.212.0.0/24"), b"appears twice"),
-                     (_line("b9", "10.212.0.0/24", colour="red"), b"unknown field(s) colour")):
+                     (_line("b9", "10.212.0.0/24", colour="red"), b"unknown field(s) colour"),
+                     # issue #19: a non-string PSK was stored as its repr; NaN rates were stored
+                     (_line("b9", "10.212.0.0/24", psk=12345678901234567890), b"psk must be a string, not int"),
+                     (_line("b9", "10.212.0.0/24", rate_mbps=float("nan")), b"not a number in range"),
+                     (_line("b9", "10.212.0.0/24", rate_mbps=True), b"not a number in range"),
+                     (_line("b9", "10.212.0.0/24", remote_id=7), b"remote_id must be a string, not int"),
+                     (_line("b9", "10.212.0.0/24", psk="k" * 2000), b"16 to 1024 bytes")):
         r = cli(etcd_loopback, "tunnel", "load", "-", stdin=good + bad)
         assert r.returncode != 0 and msg in r.stderr, r.stderr
         assert PSK not in r.stderr and b"Traceback" not in r.stderr
@@ -177,4 +231,10 @@ def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback) -> None:  # typ
     before = snapshot(etcd)
     r = cli(etcd_loopback, "tunnel", "load", "-", stdin=good)
     assert r.returncode != 0 and b"already exists" in r.stderr
+    assert snapshot(etcd) == before
+    # a bad line 2 of 3 adds nothing (issue #19: line 1 was added)
+    three = _line("c1", "10.220.1.0/24") + _line("c2", "10.220.2.0/24", rate_mbps="fast") + \
+        _line("c3", "10.220.3.0/24")
+    r = cli(etcd_loopback, "tunnel", "load", "-", stdin=three)
+    assert r.returncode != 0 and b"line 2" in r.stderr, r.stderr
     assert snapshot(etcd) == before

@@ -22,11 +22,57 @@ from tests.conftest import wait_until
 KEY = bytes(range(32))
 
 
+def _record_parsing(a: Any) -> None:
+    """What GmnAgent's record readers (_parsed: tenants, tunnels, SA records) need."""
+    import threading as _threading
+
+    from protego.store.refused import RefusedRecords
+
+    a._parse_lock = _threading.Lock()
+    a._parse_cache = {}
+    a.refused = RefusedRecords("gmn", "gmn1")
+
+
+
 def test_a_datagram_decodes_to_what_was_encoded() -> None:
     data = acks.encode(KEY, "gpn", "gpn1", 207, 210)
     assert data.startswith(acks.MAGIC)
     assert acks.decode(KEY, data) == {"kind": "gpn", "node": "gpn1", "revision": 207, "sas_revision": 210}
     assert acks.decode(KEY, acks.encode(KEY, "lb", "lb", 5)) == {"kind": "lb", "node": "lb", "revision": 5}
+
+
+def test_a_node_can_acknowledge_for_itself_only() -> None:
+    """Was: every agent used one key per GMN, and the name in the datagram was not bound
+    to it: a GIN/GEN could acknowledge as gpn1. Now each sender has its own key."""
+    keys = {("gpn", "gpn1"): bytes(range(32)), ("gpn", "gpn2"): bytes(range(1, 33)), ("lb", "lb"): bytes(32)}
+
+    def lookup(kind: str, node: str) -> bytes | None:
+        return keys.get((kind, node))
+
+    assert acks.decode(lookup, acks.encode(keys[("gpn", "gpn1")], "gpn", "gpn1", 7)) is not None
+    assert acks.decode(lookup, acks.encode(keys[("gpn", "gpn2")], "gpn", "gpn1", 7)) is None  # gpn2 as gpn1
+    assert acks.decode(lookup, acks.encode(keys[("lb", "lb")], "gpn", "gpn1", 7)) is None  # the GIN/GEN as gpn1
+    assert acks.decode(lookup, acks.encode(keys[("gpn", "gpn1")], "gpn", "gpn9", 7)) is None  # no key: unknown
+    assert acks.sender_key({"key": "00" * 32}) == bytes(32)
+    for bad in ({"key": "zz"}, {"key": "00"}, {"key": 5}, [], None):
+        assert acks.sender_key(bad) is None
+
+
+def test_the_gmn_takes_no_revision_beyond_what_it_knows() -> None:
+    """Was: a forged "gpn1 revision 2^62" was accepted and satisfied the GMN's waits for
+    good. A datagram now counts up to the newest revision the GMN knows, no further."""
+    a = _waiting_agent()
+    a.view.on_snapshot(100, [_kv("gpn/nodes/gpn1", {"node": "gpn1"}, 2),
+                             _kv("gpn/applied/gpn1", {"revision": 90, "sas_revision": 90}, 90)])
+    a._on_direct_ack("gpn", "gpn1", {"revision": 2**62, "sas_revision": 2**62})
+    assert a._ack_value(f"{PREFIX}gpn/applied/gpn1", "revision") == 100
+    a._own_rev = 104  # our own transaction, not yet in the view
+    a._on_direct_ack("gpn", "gpn1", {"revision": 2**62})
+    assert a._ack_value(f"{PREFIX}gpn/applied/gpn1", "revision") == 104
+    a.cfg = SimpleNamespace(apply_timeout=0.3)
+    t0 = time.monotonic()
+    a._wait_applied("gpn1", 105, "test SA")  # the next transaction: not satisfied by the forgery
+    assert time.monotonic() - t0 >= 0.25
 
 
 def test_forged_altered_or_malformed_datagrams_are_refused() -> None:
@@ -69,14 +115,20 @@ def test_senders_reach_every_gmn_listed_in_etcd_and_nothing_else(etcd: Etcd) -> 
                 done.set()
         return handler
 
-    r1 = acks.AckReceiver("127.0.0.1", 0, on("gmn1")).start()
-    r2 = acks.AckReceiver("127.0.0.1", 0, on("gmn2")).start()
     sender = acks.AckSender("gpn", "gpn1")
+
+    def keys(kind: str, node: str) -> bytes | None:  # what the GMN reads from acks/keys/
+        kv = etcd.get(acks.sender_key_path(kind, node))
+        return acks.sender_key(kv.json()) if kv is not None else None
+
+    r1 = acks.AckReceiver("127.0.0.1", 0, on("gmn1"), keys).start()
+    r2 = acks.AckReceiver("127.0.0.1", 0, on("gmn2"), keys).start()
     try:
-        assert r1.addr != r2.addr and r1.key != r2.key
+        assert r1.addr != r2.addr
+        etcd.put(sender.key_path, encode_json(sender.key_record()))
         etcd.put(f"{acks.ACKS_PREFIX}gmn1", encode_json(r1.record()))
         etcd.put(f"{acks.ACKS_PREFIX}gmn2", encode_json(r2.record()))
-        etcd.put(f"{acks.ACKS_PREFIX}broken", b'{"addr": "nowhere", "key": "00"}')  # skipped, not fatal
+        etcd.put(f"{acks.ACKS_PREFIX}broken", b'{"addr": "nowhere"}')  # skipped, not fatal
         sender.watch(etcd)
         wait_until(lambda: len(sender.view.items(acks.ACKS_PREFIX)) == 3, 5, "the sender's view of the GMNs")
         assert sender.send(207, 210) == 2
@@ -91,7 +143,7 @@ def test_senders_reach_every_gmn_listed_in_etcd_and_nothing_else(etcd: Etcd) -> 
         # anything else arriving on the port is counted and dropped, and the channel goes on
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             host, port = r1.addr.split(":")
-            s.sendto(acks.encode(r2.key, "gpn", "gpn1", 10**9), (host, int(port)))  # gmn2's key
+            s.sendto(acks.encode(bytes(32), "gpn", "gpn1", 10**9), (host, int(port)))  # not gpn1's key
             s.sendto(b"hello", (host, int(port)))
         wait_until(lambda: r1.rejected == 2, 5, "two rejections")
         assert sender.send(209) == 1
@@ -106,10 +158,10 @@ def test_senders_reach_every_gmn_listed_in_etcd_and_nothing_else(etcd: Etcd) -> 
 
 def test_the_key_never_reaches_the_logs(etcd: Etcd, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
-    r = acks.AckReceiver("127.0.0.1", 0, lambda *_a: None).start()
+    r = acks.AckReceiver("127.0.0.1", 0, lambda *_a: None, lambda kind, node: None).start()
     sender = acks.AckSender("lb", "lb1")
     try:
-        etcd.put(f"{acks.ACKS_PREFIX}gmn1", encode_json({"addr": r.addr, "key": "zz"}))  # not hex: skipped
+        etcd.put(f"{acks.ACKS_PREFIX}gmn1", encode_json({"addr": "zz"}))  # no address: skipped
         sender.watch(etcd)
         wait_until(lambda: sender.view.items(acks.ACKS_PREFIX), 5, "the record")
         assert sender.send(1) == 0
@@ -118,7 +170,7 @@ def test_the_key_never_reaches_the_logs(etcd: Etcd, caplog: pytest.LogCaptureFix
             s.sendto(b"PGA1" + bytes(40), (host, int(port)))
         # the receiver thread counts the rejection, then logs it: wait for the line itself
         wait_until(lambda: r.rejected == 1 and "dropped a datagram" in caplog.text, 5, "the rejection")
-        assert r.key.hex() not in caplog.text and "zz" not in caplog.text
+        assert sender.key.hex() not in caplog.text
         assert "not a usable GMN record" in caplog.text
     finally:
         sender.close()
@@ -139,10 +191,12 @@ def _waiting_agent() -> Any:
     from protego.store.view import PrefixView
 
     a = GmnAgent.__new__(GmnAgent)
+    _record_parsing(a)
     a._applied = threading.Condition()
     a.view = PrefixView(on_change=lambda: a._on_view_change())
     a._wake = threading.Event()
     a._direct_acks = {}
+    a._own_rev = 0
     a.cfg = SimpleNamespace(apply_timeout=3.0)
     return a
 
@@ -193,13 +247,14 @@ def test_a_gpn_that_acknowledges_over_the_fabric_only_is_not_waited_for() -> Non
     assert time.monotonic() - t0 < 0.5
 
 
-def test_the_gmn_publishes_its_address_and_key_with_its_membership(etcd: Etcd) -> None:
+def test_the_gmn_publishes_its_address_with_its_membership(etcd: Etcd) -> None:
     from protego.gmn.agent import GmnAgent
 
     a = GmnAgent.__new__(GmnAgent)
+    _record_parsing(a)
     a.etcd = etcd
     a.cfg = SimpleNamespace(node="gmn1", fabric_addr="127.0.0.1")
-    a._acks = acks.AckReceiver("127.0.0.1", 0, lambda *_a: None)
+    a._acks = acks.AckReceiver("127.0.0.1", 0, lambda *_a: None, lambda kind, node: None)
     lease = etcd.lease(5)
     a._lease = lease
     try:

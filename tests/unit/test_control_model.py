@@ -88,7 +88,7 @@ def test_tunnel_validation_and_defaults() -> None:
     (dict(esp_proposals="3des-md5"), "esp proposal"),
     (dict(rekey_time=0), "rekey_time must be a positive"),
     (dict(rekey_time=100, life_time=50), "life_time .50s. must exceed"),
-    (dict(rate_mbps=-1), "out of range"),
+    (dict(rate_mbps=-1), "not a number in range"),
     (dict(name="Bad Name"), "tunnel name"),
     (dict(auth="pubkey"), "not supported"),
 ])

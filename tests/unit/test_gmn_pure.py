@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import base64
 import ipaddress
 
@@ -34,6 +36,24 @@ GLOBEX = Tenant("globex", 1002, "10.1.0.0/24", "203.0.113.12")
 HQ = Tunnel(tenant="acme", name="hq", remote_addrs="198.18.1.1", remote_ts=("10.201.0.0/24",))
 BRANCH = Tunnel(tenant="acme", name="branch", remote_addrs="198.18.1.1", remote_ts=("10.202.0.0/24",))
 GHQ = Tunnel(tenant="globex", name="hq", remote_addrs="198.18.2.1", remote_ts=("10.201.0.0/24",))
+
+
+def full_record(spi: str, **fields: Any) -> dict[str, Any]:
+    """An SA record with every field the GMN reads (``fields`` override them)."""
+    return {"spi": spi, "vip": "203.0.113.11", "direction": "in", "tenant": "acme", "tunnel": "hq", "gpn": "gpn1",
+            "src": "198.18.1.1", "dst": "203.0.113.11", "created": 1.0, "local_ts": ["10.1.0.0/24"], **fields}
+
+
+def _record_parsing(a: Any) -> None:
+    """What GmnAgent's record readers (_parsed: tenants, tunnels, SA records) need."""
+    import threading as _threading
+
+    from protego.store.refused import RefusedRecords
+
+    a._parse_lock = _threading.Lock()
+    a._parse_cache = {}
+    a.refused = RefusedRecords("gmn", "gmn1")
+
 
 
 # ------------------------------------------------------------------ placement
@@ -151,6 +171,7 @@ def _catch_up_agent(apply_timeout: float):  # type: ignore[no-untyped-def]
     from protego.store.view import PrefixView
 
     a = GmnAgent.__new__(GmnAgent)
+    _record_parsing(a)
     a._applied = threading.Condition()
     a.view = PrefixView(on_change=lambda: a._on_view_change())
     a._wake = threading.Event()
@@ -210,7 +231,8 @@ def test_repair_steering_points_a_dangling_outbound_steering_at_the_newest_sa() 
     def sa(spi: str, gpn: str, created: float, tunnel: str = "hq") -> tuple[str, dict[str, object]]:
         return (f"{PREFIX}sas/203.0.113.11/{spi}", {"tenant": "acme", "tunnel": tunnel, "spi": spi, "gpn": gpn,
                                                    "direction": "out", "created": created,
-                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"})
+                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11",
+                                                   "src": "203.0.113.11", "dst": "198.18.1.1"})
 
     def load(steer: dict[str, str], records: list[tuple[str, dict[str, object]]]) -> None:
         kvs = [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
@@ -260,7 +282,8 @@ def test_a_deferred_outbound_switch_counts_from_our_response_not_from_the_sa(
     def sa(spi: str, created: float) -> KV:
         return KV(f"{PREFIX}sas/203.0.113.11/{spi}",
                   json.dumps({"tenant": "acme", "tunnel": "hq", "spi": spi, "gpn": "gpn1", "direction": "out",
-                              "created": created, "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"}).encode(),
+                              "created": created, "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11",
+                                                   "src": "203.0.113.11", "dst": "198.18.1.1"}).encode(),
                   2, 2, 1)
 
     a.view.on_snapshot(10, [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
@@ -335,7 +358,8 @@ def test_a_recovery_rekey_that_lands_nothing_is_asked_again_soon(monkeypatch: py
 
     def load(sas: list[dict[str, object]]) -> None:
         kvs = [KV(f"{PREFIX}placement/acme/hq", json.dumps({"gpn": "gpn1"}).encode(), 1, 1, 1)]
-        kvs += [KV(f"{PREFIX}sas/203.0.113.11/{i:08x}", json.dumps(r).encode(), 2, 2, 1) for i, r in enumerate(sas)]
+        kvs += [KV(f"{PREFIX}sas/203.0.113.11/{i:08x}", json.dumps(full_record(f"{i:08x}", **r)).encode(), 2, 2, 1)
+                for i, r in enumerate(sas)]
         a.view.on_snapshot(10, kvs)
 
     old = {"tenant": "acme", "tunnel": "hq", "direction": "in", "gpn": "gpn1", "created": time.time() - 60}
@@ -391,8 +415,8 @@ def test_record_reconciliation_leaves_sas_that_charon_s_own_call_is_placing() ->
     a._active_since = None
     a.cfg = SimpleNamespace(node="gmn1")  # type: ignore[assignment]
     a.server = SimpleNamespace(connected=True, _lock=threading.Lock(), sas=held)  # type: ignore[assignment]
-    rec = {"spi": "c0000002", "dst": "203.0.113.11", "gmn": "gmn1"}
-    gone = {"spi": "c0000009", "dst": "203.0.113.11", "gmn": "gmn1"}  # charon does not hold it
+    rec = full_record("c0000002", dst="203.0.113.11", gmn="gmn1")
+    gone = full_record("c0000009", dst="203.0.113.11", gmn="gmn1")  # charon does not hold it
     a.view.on_snapshot(10, [KV(f"{PREFIX}sas/203.0.113.11/c0000002", json.dumps(rec).encode(), 2, 2, 1),
                             KV(f"{PREFIX}sas/203.0.113.11/c0000009", json.dumps(gone).encode(), 2, 2, 1)])
     added: list[int] = []
@@ -433,7 +457,8 @@ def test_outbound_deletions_do_not_wait_for_etcd_and_count_as_done_at_once() -> 
     def sa(spi: str, created: float) -> tuple[str, dict[str, object]]:
         return (f"{PREFIX}sas/203.0.113.11/{spi}", {"tenant": "acme", "tunnel": "hq", "spi": spi, "gpn": "gpn1",
                                                    "direction": "out", "created": created, "reqid": 1,
-                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11"})
+                                                   "local_ts": ["10.1.0.0/24"], "vip": "203.0.113.11",
+                                                   "src": "203.0.113.11", "dst": "198.18.1.1"})
 
     records = [sa("c0000002", 100.0), sa("c0000003", 200.0)]
     kvs = [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),

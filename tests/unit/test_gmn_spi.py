@@ -26,6 +26,18 @@ VIP = "203.0.113.11"
 ACME = KV(tenant_key("acme"), json.dumps(Tenant("acme", 1001, "10.1.0.0/24", VIP).to_json()).encode(), 1, 1, 1)
 
 
+def _record_parsing(a: Any) -> None:
+    """What GmnAgent's record readers (_parsed: tenants, tunnels, SA records) need."""
+    import threading as _threading
+
+    from protego.store.refused import RefusedRecords
+
+    a._parse_lock = _threading.Lock()
+    a._parse_cache = {}
+    a.refused = RefusedRecords("gmn", "gmn1")
+
+
+
 class CountingEtcd(Etcd):
     txns = 0
 
@@ -37,6 +49,7 @@ class CountingEtcd(Etcd):
 def _agent(etcd: Etcd) -> GmnAgent:
     """Only what the SPI allocation touches."""
     a = GmnAgent.__new__(GmnAgent)
+    _record_parsing(a)
     a.etcd = etcd
     a.cfg = SimpleNamespace(node="gmn1")  # type: ignore[assignment]
     a._lease = SimpleNamespace(id=0)  # type: ignore[assignment]  # no lease: reservations stay

@@ -202,3 +202,67 @@ def test_acknowledgements_are_written_aside_and_again_after_a_failure() -> None:
         assert json.loads(store.puts[-1][1])["revision"] == 12
     finally:
         agent._ack_writer.stop()
+
+
+class HealthStore:
+    """``gpn/health/`` in memory, out of reach for the first ``fail`` calls."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.data: dict[str, bytes] = {}
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.fail:
+            self.fail -= 1
+            from protego.errors import ProtegoError
+
+            raise ProtegoError("etcd unreachable")
+
+    def get(self, key: str) -> Any:
+        self._maybe_fail()
+        if key not in self.data:
+            return None
+        from protego.store.etcd import KV
+
+        return KV(key, self.data[key], 1, 1, 0)
+
+    def cas(self, key: str, value: bytes, rev: int) -> bool:
+        self._maybe_fail()
+        self.data[key] = value
+        return True
+
+
+def test_a_gpn_that_dies_during_an_etcd_outage_is_declared_dead_once_etcd_is_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: the health writer gave up after 5 attempts (~8 s of outage): that GPN was
+    never declared dead. Now it writes until written, and a resync re-asserts every
+    GPN's state (a write lost anyhow is made again)."""
+    import json
+
+    from protego.lb import agent as agent_mod
+    from protego.lb import heartbeat as hb
+    from protego.lb.agent import LbAgent
+
+    monkeypatch.setattr(agent_mod, "HEALTH_RETRY_MAX_S", 0.01)
+    store = HealthStore(fail=40)  # far more failures than the old writer's five attempts
+    agent = LbAgent(LbConfig(node="lb1", heartbeat=False), store, FakeNft(), FakeRoutes(set()))  # type: ignore[arg-type]
+    assert agent._write_health(hb.Transition("gpn2", "dead", "no answer", 1.0))
+    assert store.calls > 40
+    assert json.loads(store.data[f"{P}gpn/health/gpn2"])["state"] == "dead"
+    # a resync re-asserts what the detector holds
+    store.data.clear()
+
+    class Monitor:
+        def stats(self) -> dict[str, dict[str, object]]:
+            return {"gpn2": {"state": "dead"}, "gpn3": {"state": "unknown"}}
+
+    agent.monitor = Monitor()  # type: ignore[assignment]
+    agent._reassert_health()
+    tr = agent._health_q.get_nowait()
+    assert (tr.gpn, tr.state) == ("gpn2", "dead") and agent._health_q.empty()
+    assert agent._write_health(tr) and json.loads(store.data[f"{P}gpn/health/gpn2"])["state"] == "dead"
+    agent._health_stop.set()  # a stopping agent gives up
+    store.fail = 10**6
+    assert not agent._write_health(hb.Transition("gpn3", "dead", "x", 2.0))

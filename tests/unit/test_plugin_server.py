@@ -166,3 +166,53 @@ def test_policies_recorded(server: PluginServer, plugin: FakePlugin) -> None:
 
 def _fields(msg: pp.Message) -> dict[str, object]:
     return {f.name: getattr(msg, f.name) for f in msg.FIELDS}
+
+
+# ------------------------------------------------------------------ issue #19, item 6
+
+
+def test_the_call_history_is_bounded_and_keeps_no_key(server: PluginServer, plugin: FakePlugin) -> None:
+    """Was: ``events`` grew forever and kept deleted SAs' keys (20k add/del pairs: 49 MB)."""
+    from protego.gmn import plugin_server as ps
+
+    key = b"\x5a" * 20
+    for i in range(ps.EVENT_HISTORY // 2 + 50):  # more calls than the history keeps
+        spi = 0x1000 + i
+        assert plugin.call(sa(spi, True, key)).status == pp.Status.OK
+        assert plugin.call(pp.DelSa(src=PEER, dst=VIP, spi=spi)).status == pp.Status.OK
+    assert len(server.events) == ps.EVENT_HISTORY
+    adds = [e.message for e in server.events if e.kind == "add_sa"]
+    assert adds and all(len(m.enc_key) == 0 and len(m.int_key) == 0 for m in adds)  # type: ignore[attr-defined]
+    assert server.sas == {}
+
+
+def test_a_peer_of_another_user_is_refused(tmp_path: Path) -> None:
+    import os
+
+    srv = PluginServer(tmp_path / "p.sock", allowed_uids={os.geteuid() + 4242})
+    with srv:
+        fake = FakePlugin(srv.path)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            fake.hello()
+        fake.close()
+        assert srv.refused_peers == 1 and srv.hello is None
+
+
+def test_an_add_sa_the_agent_could_not_record_is_answered_failed(tmp_path: Path) -> None:
+    """Was: an add_sa whose etcd write failed was still answered OK (charon then used an
+    SA no data path had)."""
+    from protego.errors import PeerError
+
+    def on_change(ev: object) -> None:
+        if getattr(ev, "kind", "") == "add_sa":
+            raise PeerError("etcd unavailable")
+
+    srv = PluginServer(tmp_path / "p.sock", on_change=on_change)
+    with srv:
+        fake = FakePlugin(srv.path)
+        assert fake.hello().status == pp.Status.OK
+        reply = fake.call(sa(0x4321, True))
+        assert reply.status == pp.Status.FAILED and "could not be recorded" in (reply.error or "")
+        assert srv.sas == {}  # charon does not hold it: neither does the server
+        assert fake.call(pp.DelSa(src=PEER, dst=VIP, spi=0x4321)).status == pp.Status.NOT_FOUND
+        fake.close()
