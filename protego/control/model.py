@@ -52,6 +52,10 @@ def secret_key(tenant: str, tunnel: str) -> str:
     return f"{PREFIX}secrets/{tenant}/{tunnel}"
 
 
+# the GMNs' public key, which PSKs are sealed to (protego/sealing.py): {"key": hex}
+GMN_SEAL_KEY = f"{PREFIX}gmn/seal-key"
+
+
 def vni_index_key(vni: int) -> str:
     return f"{PREFIX}index/vni/{vni}"
 

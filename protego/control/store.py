@@ -2,7 +2,8 @@
 
 Every change is one etcd transaction guarded by compare-and-swap, so two
 operators racing cannot create duplicates or overlapping tunnels, and a refused
-change leaves nothing behind.  PSKs are stored only under ``secrets/`` in etcd.
+change leaves nothing behind.  PSKs are stored only under ``secrets/`` in etcd, sealed
+to the GMNs' key (``gmn/seal-key``, protego/sealing.py): only a GMN opens them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import logging
 from typing import Any
 
+from protego import sealing
 from protego.control.model import (
+    GMN_SEAL_KEY,
     PREFIX,
     Tenant,
     Tunnel,
@@ -105,8 +108,24 @@ class ControlStore:
         return tunnels
 
     # ----------------------------------------------------------------- tunnels
+    def _gmn_seal_key(self) -> bytes:
+        kv = self.etcd.get(GMN_SEAL_KEY)
+        try:
+            key = sealing.parse_public(json.loads(kv.value).get("key")) if kv is not None else None
+        except (ValueError, AttributeError):
+            key = None
+        if key is None:
+            raise ConfigError("no GMN sealing key in etcd (gmn/seal-key): start a GMN agent first; "
+                              "PSKs are stored sealed to it")
+        return key
+
+    def _sealed_psk(self, tunnel: Tunnel, psk: bytes, gmn_key: bytes) -> bytes:
+        """The PSK as etcd keeps it: sealed to the GMNs' key for its own record."""
+        return sealing.seal(gmn_key, psk, secret_key(tunnel.tenant, tunnel.name)[len(PREFIX):]).encode()
+
     def add_tunnel(self, tunnel: Tunnel, psk: bytes) -> None:
         check_psk(f"tunnel {tunnel.tenant}/{tunnel.name}", psk)
+        sealed = self._sealed_psk(tunnel, psk, self._gmn_seal_key())
         for _ in range(_RETRIES):
             tkv = self.etcd.get(tenant_key(tunnel.tenant))
             if tkv is None:
@@ -129,7 +148,7 @@ class ControlStore:
                  mod_revision_is(tunnel_guard_key(tunnel.tenant), guard.mod_revision if guard else 0),
                  key_absent(tunnel_key(tunnel.tenant, tunnel.name))],
                 [PutOp(tunnel_key(tunnel.tenant, tunnel.name), _dump(tunnel.to_json())),
-                 PutOp(secret_key(tunnel.tenant, tunnel.name), psk),
+                 PutOp(secret_key(tunnel.tenant, tunnel.name), sealed),
                  PutOp(tunnel_guard_key(tunnel.tenant), tunnel.name.encode())],
             )
             if res.succeeded:
@@ -143,6 +162,7 @@ class ControlStore:
         again if a later one is refused."""
         for t, psk in items:
             check_psk(f"tunnel {t.tenant}/{t.name}", psk)
+        gmn_key = self._gmn_seal_key()
         tenants = sorted({t.tenant for t, _ in items})
         if 3 * len(items) + len(tenants) <= MAX_TXN_OPS:
             for _ in range(_RETRIES):
@@ -170,7 +190,7 @@ class ControlStore:
                 for t, psk in items:
                     compares.append(key_absent(tunnel_key(t.tenant, t.name)))
                     ops += [PutOp(tunnel_key(t.tenant, t.name), _dump(t.to_json())),
-                            PutOp(secret_key(t.tenant, t.name), psk)]
+                            PutOp(secret_key(t.tenant, t.name), self._sealed_psk(t, psk, gmn_key))]
                 if self.etcd.txn(compares, ops).succeeded:
                     log.info("%d tunnel(s) added in one transaction", len(items))
                     return

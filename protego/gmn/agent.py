@@ -30,8 +30,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from protego import sealing
 from protego.control import acks
-from protego.control.model import PREFIX, Tenant, Tunnel, check_psk, steer_out_tunnel
+from protego.control.model import GMN_SEAL_KEY, PREFIX, Tenant, Tunnel, check_psk, steer_out_tunnel
 from protego.errors import ConfigError, PeerError, ProtegoError
 from protego.gmn import plugin_protocol as pp
 from protego.gmn.connections import conn_name, desired_connections, fingerprint, secret_id, split_conn_name
@@ -84,6 +85,7 @@ RECOVERY_RETRY_S = 10.0  # a tunnel whose recovery rekey did not move it is aske
 # the rekey, or it failed): an outage of seconds, not ten of them
 RECOVERY_REASK_S = 1.5
 VIP_LABEL = "lo:pg"
+MAX_SEALED_PSK = 2048  # bytes of a sealed PSK in etcd (a 1024-byte PSK seals to about 1.4 kB)
 
 
 def newest_child(sas: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -111,6 +113,9 @@ class GmnConfig:
     # UDP port of the direct acknowledgement channel on fabric_addr (protego/control/acks.py);
     # None (or no fabric_addr): acknowledgements come through etcd only; 0: any free port
     ack_port: int | None = acks.DEFAULT_PORT
+    # the GMNs' X25519 key, which PSKs are sealed to (protego/sealing.py): the same file on
+    # every GMN of a deployment; made on the first start if missing
+    seal_key_file: str = "/var/lib/protego/keys/gmn.key"
 
 
 @dataclass
@@ -270,9 +275,12 @@ class GmnAgent:
         self._done_rev: tuple[int, int] | None = None
         self._active_since: float | None = None
         self._lease_watchdog: threading.Thread | None = None
+        self._seal_key: Any = None  # X25519PrivateKey (start): opens the PSKs in etcd
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "GmnAgent":
+        self._seal_key = sealing.load_or_create(self.cfg.seal_key_file)
+        self._publish_seal_key()
         if self.cfg.fabric_addr and self.cfg.ack_port is not None:
             try:
                 self._acks = acks.AckReceiver(self.cfg.fabric_addr, self.cfg.ack_port, self._on_direct_ack,
@@ -556,6 +564,31 @@ class GmnAgent:
         self._register_member()
         log.info("gmn %s: new etcd lease %x", self.cfg.node, self._lease.id)
 
+    def _publish_seal_key(self) -> None:
+        """``gmn/seal-key``: the public key the CLI seals PSKs to (not leased: tunnels can be
+        added while no GMN runs). A GMN whose key differs from the published one would
+        open no PSK: it refuses to start."""
+        mine = sealing.public_bytes(self._seal_key).hex()
+        for _ in range(5):
+            kv = self.etcd.get(GMN_SEAL_KEY)
+            if kv is None:
+                if self.etcd.txn([key_absent(GMN_SEAL_KEY)], [PutOp(GMN_SEAL_KEY, encode_json({"key": mine}))]
+                                 ).succeeded:
+                    log.info("gmn %s: sealing key published (PSKs are sealed to it)", self.cfg.node)
+                    return
+                continue
+            try:
+                theirs = json.loads(kv.value).get("key")
+            except (ValueError, AttributeError):
+                theirs = None
+            if theirs == mine:
+                return
+            raise ConfigError(
+                f"the GMN sealing key in {self.cfg.seal_key_file} is not the one in etcd (gmn/seal-key): every "
+                f"GMN must use the same key file (the PSKs in etcd are sealed to that key); see "
+                f"docs/etcd-schema.md, 'Sealed keys'")
+        raise PeerError("could not publish the GMN sealing key: too many concurrent changes")
+
     def _register_member(self) -> None:
         """``gmn/members/<node>`` and, with the direct acknowledgement channel, its address
         and key (``gmn/acks/<node>``, a record of its own: ``protego status`` shows members),
@@ -707,8 +740,18 @@ class GmnAgent:
             parts = kv.key[len(PREFIX) + len("secrets/"):].split("/")
             if len(parts) != 2:
                 return None
-            check_psk("secret", kv.value)  # the reason names the length, never the value
-            return (parts[0], parts[1]), kv.value
+            # sealed to the GMNs' key by the CLI (protego/sealing.py); reasons never carry the value
+            if not kv.value.startswith(sealing.PREFIX.encode()):
+                raise ConfigError(f"not a sealed PSK ({len(kv.value)} bytes): add the tunnel with the "
+                                  f"protego CLI, which seals it")
+            if len(kv.value) > MAX_SEALED_PSK:
+                raise ConfigError(f"a sealed PSK of {len(kv.value)} bytes (at most {MAX_SEALED_PSK}: a PSK has "
+                                  f"at most 1024)")
+            if self._seal_key is None:
+                raise ConfigError("this GMN has no sealing key to open PSKs with")
+            psk = sealing.unseal(self._seal_key, kv.value.decode("ascii", "replace"), kv.key[len(PREFIX):])
+            check_psk("secret", psk)
+            return (parts[0], parts[1]), psk
         return dict(self._parsed(f"{PREFIX}secrets/", parse).values())
 
     def _sa_records(self) -> dict[str, dict[str, Any]]:
@@ -1013,7 +1056,11 @@ class GmnAgent:
                     except NoGpnError as exc:
                         log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
                         return
-            rec = sa_record(sa, owner, gpn, self.cfg.node)
+            seal_to = sealing.parse_public((self._gpn_nodes().get(gpn) or {}).get("seal_key"))
+            if seal_to is None:  # never a key in clear in etcd
+                raise PeerError(f"tunnel {t}/{tun}: GPN {gpn} has published no sealing key; SA {sa.spi:08x} "
+                                f"not placed")
+            rec = sa_record(sa, owner, gpn, self.cfg.node, seal_to=seal_to)
             ops = [PutOp(sa_key(owner.vip, sa.spi), encode_json(rec))]
             deferred = (not sa.inbound and not sa.initiator
                         and bool(self._outbound_records(t, tun, exclude_spi=sa.spi)))

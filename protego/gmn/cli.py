@@ -44,10 +44,13 @@ def gmn() -> None:
 @click.option("--apply-timeout", type=click.FloatRange(0.1, 4.5), default=2.0, show_default=True,
               help="Seconds charon's SA calls wait at most for the GPNs' and GIN/GENs' acknowledgements "
                    "(below kernel-protego's reply timeout, 5 s).")
+@click.option("--seal-key-file", default="/var/lib/protego/keys/gmn.key", show_default=True, metavar="PATH",
+              help="The GMNs' X25519 private key, which the PSKs in etcd are sealed to: the same file on every GMN "
+                   "(made on first start, mode 0600).")
 @click.pass_context
 def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fabric_addr: str, ack_port: int,
         lease_ttl: int, resync_interval: float, no_vips: bool, no_ha: bool, ha_listen: str, ha_charon: str,
-        ha_rt_priority: int, apply_timeout: float) -> None:
+        ha_rt_priority: int, apply_timeout: float, seal_key_file: str) -> None:
     """Run the GMN agent until SIGTERM/SIGINT."""
     from protego.gmn.agent import GmnAgent, GmnConfig
     from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
@@ -64,7 +67,7 @@ def run(ctx: click.Context, node: str, vici_socket: str, plugin_socket: str, fab
                         plugin_socket=plugin_socket, fabric_addr=fabric_addr, lease_ttl=lease_ttl,
                         resync_interval=resync_interval, manage_vips=not no_vips, ha=not no_ha,
                         ha_local=ha_listen, ha_charon=ha_charon, ha_rt_priority=ha_rt_priority,
-                        ack_port=ack_port or None, apply_timeout=apply_timeout)
+                        ack_port=ack_port or None, apply_timeout=apply_timeout, seal_key_file=seal_key_file)
         agent = GmnAgent(cfg, obj.etcd()).start()
     except ProtegoError as exc:
         raise click.ClickException(str(exc)) from None

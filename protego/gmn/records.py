@@ -17,6 +17,7 @@ from typing import Any
 from protego.control.model import PREFIX, Tenant, Tunnel
 from protego.errors import ConfigError
 from protego.gmn import plugin_protocol as pp
+from protego.sealing import seal
 
 # strongSwan's encryption_algorithm_t / integrity_algorithm_t (IKEv2 transform IDs)
 ENCR_AES_CBC = 12
@@ -100,10 +101,17 @@ def find_owner(sa: pp.AddSa, tenants: list[Tenant], tunnels: list[Tunnel]) -> Ow
     return Owner(tenant, cands[0]) if cands else None
 
 
-def sa_record(sa: pp.AddSa, owner: Owner, gpn: str, gmn: str) -> dict[str, Any]:
-    """The etcd record of one SA (keys base64; only GMN and GPN agents read ``sas/``)."""
+def sa_record(sa: pp.AddSa, owner: Owner, gpn: str, gmn: str, seal_to: bytes | None = None) -> dict[str, Any]:
+    """The etcd record of one SA. ``seal_to``: the GPN's public key, which its keys are
+    sealed to (protego/sealing.py; what the GMN agent always does); without it, base64."""
     assert sa.src is not None and sa.dst is not None
     enc = sa.enc_key.reveal()
+
+    def key_field(name: str, value: bytes) -> str:
+        if seal_to is None:
+            return base64.b64encode(value).decode()
+        return seal(seal_to, value, f"{sa_key(owner.vip, sa.spi)[len(PREFIX):]}/{name}")
+
     suite = suite_name(sa.enc_alg, sa.int_alg, len(enc))
     lt = sa.lifetime or pp.Lifetime()
     return {
@@ -112,8 +120,8 @@ def sa_record(sa: pp.AddSa, owner: Owner, gpn: str, gmn: str) -> dict[str, Any]:
         "reqid": sa.reqid, "gpn": gpn, "gmn": gmn, "mode": "tunnel" if sa.mode == pp.Mode.TUNNEL else "transport",
         "encap": sa.encap, "src": str(sa.src.address), "dst": str(sa.dst.address),
         "sport": sa.src.port, "dport": sa.dst.port, "suite": suite,
-        "enc_key": base64.b64encode(enc).decode(),
-        "integ_key": base64.b64encode(sa.int_key.reveal()).decode(),
+        "enc_key": key_field("enc_key", enc),
+        "integ_key": key_field("integ_key", sa.int_key.reveal()),
         "esn": sa.esn, "replay_window": sa.replay_window,
         "local_ts": [str(ts) for ts in (sa.dst_ts if sa.inbound else sa.src_ts)],
         "remote_ts": [str(ts) for ts in (sa.src_ts if sa.inbound else sa.dst_ts)],

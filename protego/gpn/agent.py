@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from protego import sealing
 from protego.control.acks import AckSender
 from protego.control.model import PREFIX, steer_out_tunnel
 from protego.errors import ConfigError, DataplaneError, ProtegoError
@@ -91,6 +92,8 @@ class GpnConfig:
     direct_acks: bool = True  # also tell the GMNs over the fabric (protego/control/acks.py)
     canary_interval: float = 0.1  # xfrm: seconds between ESP canaries (protego/gpn/kernel_health.py)
     canary_misses: int = 3  # xfrm: canaries lost in a row that stop the heartbeats
+    # the X25519 key SA keys are sealed to (protego/sealing.py); made on first start
+    seal_key_file: str = ""  # default: SEAL_KEY_DIR/gpn-<node>.key
 
 
 def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> str:
@@ -116,7 +119,10 @@ def choose_backend(requested: str, probe: Callable[[], Any] | None = None) -> st
     return "userspace"
 
 
-def desired_sas(records: dict[str, tuple[int, int, Any]], node: str
+SEAL_KEY_DIR = "/var/lib/protego/keys"
+
+
+def desired_sas(records: dict[str, tuple[int, int, Any]], node: str, opener: Any = None,
                 ) -> tuple[dict[str, tuple[int, int, GpnSa]], dict[str, str]]:
     """``{key: (create_revision, mod_revision, record)}`` -> the SAs placed on ``node``
     (same shape, parsed) and the invalid ones (``key -> reason``, without keys)."""
@@ -126,7 +132,7 @@ def desired_sas(records: dict[str, tuple[int, int, Any]], node: str
         if not isinstance(rec, dict) or rec.get("gpn") != node:
             continue
         try:
-            ok[key] = (crev, mrev, parse_sa_record(rec, key[len(PREFIX):]))
+            ok[key] = (crev, mrev, parse_sa_record(rec, key[len(PREFIX):], opener))
         except ConfigError as exc:
             bad[key] = str(exc)
     return ok, bad
@@ -256,9 +262,12 @@ class GpnAgent:
         self._thread: threading.Thread | None = None
         self.failed: str | None = None
         self.started = 0.0
+        self.seal_key: Any = None  # X25519PrivateKey: opens the SA keys the GMN sealed to us
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> GpnAgent:
+        self.seal_key = sealing.load_or_create(self.cfg.seal_key_file
+                                               or f"{SEAL_KEY_DIR}/gpn-{self.cfg.node}.key")
         self.backend = choose_backend(self.cfg.backend)
         if self.backend == "xfrm":
             from .kernel import KernelConfig, KernelDataPath
@@ -306,7 +315,8 @@ class GpnAgent:
     def _register(self) -> None:
         assert self.etcd is not None and self._lease is not None and self.engine is not None
         rec = {"node": self.cfg.node, "fabric_addr": self.cfg.fabric_addr, "cores": self.engine.workers,
-               "backend": self.backend, "started": self.started}
+               "backend": self.backend, "started": self.started,
+               "seal_key": sealing.public_bytes(self.seal_key).hex() if self.seal_key is not None else None}
         if self.acks is not None:  # the key the GMNs check our acknowledgement datagrams with
             self.etcd.put_json(self.acks.key_path, self.acks.key_record(), lease=self._lease)
         rev = self.etcd.put_json(f"{PREFIX}gpn/nodes/{self.cfg.node}", rec, lease=self._lease)
@@ -315,6 +325,11 @@ class GpnAgent:
         self._refused_pub.invalidate()
         if not self.registered_revision:  # the first registration of this agent's life
             self.registered_revision = rev
+
+    def _open(self, sealed: str, context: str) -> bytes:
+        if self.seal_key is None:
+            raise sealing.SealError("this GPN has no sealing key")
+        return sealing.unseal(self.seal_key, sealed, context)
 
     def _on_bad(self, kv: Any, why: str) -> None:
         self.refused.refuse(kv.key, kv.mod_revision, why)
@@ -428,7 +443,8 @@ class GpnAgent:
                 if rec is None:
                     hit = (kv.mod_revision, None, None)
                 else:
-                    ok, err = desired_sas({kv.key: (kv.create_revision, kv.mod_revision, rec)}, self.cfg.node)
+                    ok, err = desired_sas({kv.key: (kv.create_revision, kv.mod_revision, rec)}, self.cfg.node,
+                                          self._open)
                     hit = (kv.mod_revision, ok.get(kv.key), err.get(kv.key))
             cache[kv.key] = hit
             if hit[1] is not None:

@@ -43,7 +43,7 @@ def gpn() -> None:
 @click.pass_context
 def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: int, lease_ttl: int,
         report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool, worker_cpus: str,
-        canary_interval_ms: float, canary_misses: int) -> None:
+        canary_interval_ms: float, canary_misses: int, seal_key_file: str) -> None:
     """Run the GPN agent and its data path until SIGTERM/SIGINT."""
     from protego.gpn.agent import GpnAgent, GpnConfig
     from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
@@ -67,7 +67,7 @@ def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: 
                         lease_ttl=lease_ttl, report_interval=report_interval,
                         resync_interval=resync_interval, manage_vips=not no_vips, raw_esp=not no_raw_esp,
                         worker_cpus=parse_cpu_list(worker_cpus), canary_interval=canary_interval_ms / 1000.0,
-                        canary_misses=canary_misses)
+                        canary_misses=canary_misses, seal_key_file=seal_key_file)
         agent = GpnAgent(cfg, obj.etcd)
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

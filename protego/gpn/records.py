@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from protego.esp.sa import (
     UdpEncap,
 )
 from protego.esp.suites import Suite
+from protego.sealing import SealError, is_sealed
 
 __all__ = ["GpnSa", "Prefixes", "parse_sa_record", "parse_ts", "sa_from_wire", "sa_to_wire"]
 
@@ -118,6 +120,9 @@ class GpnSa:
         return self.sa.keys == other.sa.keys and self.sa.suite is other.sa.suite
 
 
+Opener = Callable[[str, str], bytes]  # (sealed value, context) -> plaintext; SealError
+
+
 def _field(rec: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
     if name not in rec:
         raise ConfigError(f"{where}: field {name!r} missing")
@@ -127,10 +132,17 @@ def _field(rec: dict[str, Any], name: str, kind: type | tuple[type, ...], where:
     return value
 
 
-def _b64(rec: dict[str, Any], name: str, where: str) -> bytes:
+def _b64(rec: dict[str, Any], name: str, where: str, opener: Opener | None = None) -> bytes:
     value = rec.get(name, "")
     if not isinstance(value, str):
         raise ConfigError(f"{where}: field {name!r} is not base64 text")
+    if is_sealed(value):  # sealed to this GPN's key by the GMN (protego/sealing.py)
+        if opener is None:
+            raise ConfigError(f"{where}: field {name!r} is sealed and this node holds no key to open it")
+        try:
+            return opener(value, f"{where}/{name}")
+        except SealError as exc:
+            raise ConfigError(f"{where}: field {name!r}: {exc}") from None
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -145,11 +157,12 @@ def _num(rec: dict[str, Any], name: str, default: int, lo: int, hi: int, where: 
     return value
 
 
-def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
-    """Validate one ``sas/<vip>/<spi>`` record. Raises ``ConfigError`` (no key bytes), and
-    nothing else, whatever the record holds."""
+def parse_sa_record(rec: Any, where: str = "SA record", opener: Opener | None = None) -> GpnSa:
+    """Validate one ``sas/<vip>/<spi>`` record (``where``: its key under the prefix, the
+    context its sealed keys were sealed for; ``opener(sealed, context)`` opens them).
+    Raises ``ConfigError`` (no key bytes), and nothing else, whatever the record holds."""
     try:
-        return _parse_sa_record(rec, where)
+        return _parse_sa_record(rec, where, opener)
     except ConfigError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
@@ -157,7 +170,7 @@ def parse_sa_record(rec: Any, where: str = "SA record") -> GpnSa:
         raise ConfigError(f"{where}: malformed ({type(exc).__name__} reading it)") from None
 
 
-def _parse_sa_record(rec: Any, where: str) -> GpnSa:
+def _parse_sa_record(rec: Any, where: str, opener: Opener | None) -> GpnSa:
     if not isinstance(rec, dict):
         raise ConfigError(f"{where}: not a JSON object")
     spi_text = _field(rec, "spi", str, where)
@@ -175,8 +188,8 @@ def _parse_sa_record(rec: Any, where: str) -> GpnSa:
         suite = Suite.parse(_field(rec, "suite", str, where))
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    enc = _b64(rec, "enc_key", where)
-    integ = _b64(rec, "integ_key", where)
+    enc = _b64(rec, "enc_key", where, opener)
+    integ = _b64(rec, "integ_key", where, opener)
     spec = suite.spec
     if spec.aead:
         if len(enc) != spec.enc_key_len + spec.salt_len:

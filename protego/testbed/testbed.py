@@ -394,6 +394,7 @@ def _up(tb: Testbed, progress: Progress, wait_tunnels: float) -> None:
                 if n.role == "gpn":
                     _start_agent(tb, n.node, "gpn-agent", ["gpn", "run", "--node", n.node,
                                                            "--fabric-addr", fabric_addr(tb, n.node),
+                                                           "--seal-key-file", str(gpn_seal_key_file(tb, n.node)),
                                                            "--backend", backends[n.node],
                                                            *canary_args(tb),
                                                            *(["--worker-cpus", cpu_list(split["data"])]
@@ -602,6 +603,17 @@ def _start_agent(tb: Testbed, node: str, kind: str, args: list[str], root_args: 
     return rec
 
 
+def gpn_seal_key_file(tb: Testbed, node: str) -> Path:
+    """Where a testbed GPN keeps the key its SA keys are sealed to (in the testbed's
+    directory: removed with it)."""
+    return tb.state.root / "keys" / f"{node}.key"
+
+
+def gmn_seal_key_file(tb: Testbed) -> Path:
+    """The testbed's GMN key (both GMNs share it, as a deployment's do)."""
+    return tb.state.root / "keys" / "gmn.key"
+
+
 def canary_args(tb: Testbed) -> list[str]:
     """An xfrm GPN's canary at the heartbeat's pace when the topology relaxes it (the
     lane: a stalled guest must not stop the heartbeats); the agent's default otherwise."""
@@ -675,7 +687,8 @@ def _start_gmn(tb: Testbed, node: str) -> None:
                                                   "--plugin-socket", str(plugin_sock),
                                                   "--fabric-addr", fabric_addr(tb, node),
                                                   "--lease-ttl", str(tb.timings.gmn_lease_ttl),
-                                                  "--apply-timeout", f"{tb.timings.apply_timeout_s:g}"], rt=True)
+                                                  "--apply-timeout", f"{tb.timings.apply_timeout_s:g}",
+                                                  "--seal-key-file", str(gmn_seal_key_file(tb))], rt=True)
     _wait_path(plugin_sock, agent, f"the gmn agent on {node}", tb.timings.daemon_start_s)
     start_gmn_charon(tb, node)
 

@@ -40,7 +40,7 @@ class GpnBed:
     def start_gpn(self, node: str, workers: int = 1, extra: tuple[str, ...] = ()) -> procs.ProcRecord:
         cmd = [PY, "-m", "protego.gpn", "--etcd", self.endpoints, "gpn", "run", "--node", node,
                "--fabric-addr", self.fabric_addr(node), "--backend", "auto", "--workers", str(workers),
-               "--report-interval", "1", *extra]
+               "--report-interval", "1", "--seal-key-file", str(tbmod.gpn_seal_key_file(self.tb, node)), *extra]
         rec = procs.spawn(node, "gpn-agent", self.tb.ns(node), cmd, self.tb.state.logs / f"{node}.gpn-agent.log")
         self.tb.state.procs.append(rec)
         self.tb.state.save()

@@ -20,6 +20,28 @@ def tun(tenant: str = "acme", name: str = "hq", ts: str = "10.201.0.0/24") -> Tu
     return Tunnel(tenant=tenant, name=name, remote_addrs="198.18.1.1", remote_ts=(ts,))
 
 
+@pytest.fixture(autouse=True)
+def gmn_key(etcd):  # type: ignore[no-untyped-def]
+    """The GMNs' sealing key, published as a GMN agent does (the store seals PSKs to it)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from protego import sealing
+    from protego.control.model import GMN_SEAL_KEY
+
+    key = X25519PrivateKey.generate()
+    etcd.put_json(GMN_SEAL_KEY, {"key": sealing.public_bytes(key).hex()})
+    return key
+
+
+def stored_psk(etcd, gmn_key, tenant: str, tunnel: str) -> bytes:  # type: ignore[no-untyped-def]
+    """The PSK etcd holds for a tunnel, opened with the GMNs' key (it is sealed: issue #19)."""
+    from protego import sealing
+
+    value = etcd.get(secret_key(tenant, tunnel)).value
+    assert PSK not in value and sealing.is_sealed(value.decode())
+    return sealing.unseal(gmn_key, value.decode(), f"secrets/{tenant}/{tunnel}")
+
+
 @pytest.fixture
 def store(etcd) -> ControlStore:  # type: ignore[no-untyped-def]
     s = ControlStore(etcd)
@@ -46,9 +68,9 @@ def test_duplicates_are_refused_and_change_nothing(store, etcd) -> None:  # type
     assert [t.name for t in store.list_tenants()] == ["acme", "globex"]
 
 
-def test_tunnel_lifecycle(store, etcd) -> None:  # type: ignore[no-untyped-def]
+def test_tunnel_lifecycle(store, etcd, gmn_key) -> None:  # type: ignore[no-untyped-def]
     store.add_tunnel(tun(), PSK)
-    assert etcd.get(secret_key("acme", "hq")).value == PSK
+    assert stored_psk(etcd, gmn_key, "acme", "hq") == PSK
     assert store.get_tunnel("acme", "hq") == tun()
     with pytest.raises(ConflictError, match="already exists"):
         store.add_tunnel(tun(), PSK)
@@ -97,7 +119,7 @@ def test_tenant_removal(store, etcd) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="still has tunnels \\(hq\\)"):
         store.remove_tenant("acme")
     assert store.remove_tenant("acme", with_tunnels=True) == ["hq"]
-    assert snapshot(etcd) == {}
+    assert set(snapshot(etcd)) == {"/protego/v1/gmn/seal-key"}
 
 
 def cli(etcd_loopback: list[str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -105,14 +127,14 @@ def cli(etcd_loopback: list[str], *args: str, stdin: bytes | None = None) -> sub
                           capture_output=True, input=stdin, timeout=60)
 
 
-def test_cli_round_trip(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped-def]
+def test_cli_round_trip(etcd, etcd_loopback, gmn_key) -> None:  # type: ignore[no-untyped-def]
     r = cli(etcd_loopback, "tenant", "add", "acme", "--vni", "1001", "--network", "10.1.0.0/24",
             "--vip", "203.0.113.11")
     assert r.returncode == 0, r.stderr
     r = cli(etcd_loopback, "tunnel", "add", "acme/hq", "--remote-addrs", "198.18.1.1", "--remote-ts",
             "10.201.0.0/24", "--rate", "100", "--psk-file", "-", stdin=PSK + b"\n")
     assert r.returncode == 0, r.stderr
-    assert etcd.get(secret_key("acme", "hq")).value == PSK  # trailing newline stripped
+    assert stored_psk(etcd, gmn_key, "acme", "hq") == PSK  # trailing newline stripped
     listed = json.loads(cli(etcd_loopback, "tunnel", "list", "--json").stdout)
     assert [(t["tenant"], t["name"], t["rate_mbps"]) for t in listed] == [("acme", "hq", 100.0)]
     shown = cli(etcd_loopback, "tunnel", "show", "acme/hq").stdout
@@ -167,6 +189,17 @@ def test_cli_refuses_a_psk_out_of_bounds(etcd, etcd_loopback) -> None:  # type: 
         assert psk not in r.stderr and snapshot(etcd) == before
 
 
+def test_without_a_gmn_key_no_tunnel_is_added(store, etcd) -> None:  # type: ignore[no-untyped-def]
+    """A PSK is never stored in clear: with no GMN sealing key in etcd the tunnel waits."""
+    from protego.control.model import GMN_SEAL_KEY
+
+    etcd.delete(GMN_SEAL_KEY)
+    before = snapshot(etcd)
+    with pytest.raises(ConfigError, match="no GMN sealing key in etcd"):
+        store.add_tunnel(tun(), PSK)
+    assert snapshot(etcd) == before
+
+
 def test_a_vip_is_stored_and_indexed_in_canonical_form(store, etcd) -> None:  # type: ignore[no-untyped-def]
     """Was: ``2001:db8::1`` and ``2001:DB8:0::1`` were accepted as two VIPs (the index
     was keyed by the raw string). IPv6 is refused now; every VIP is indexed canonically."""
@@ -199,7 +232,7 @@ def _line(name: str, ts: str, **kw: object) -> bytes:
     return json.dumps(doc).encode() + b"\n"
 
 
-def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback) -> None:  # type: ignore[no-untyped-def]
+def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback, gmn_key) -> None:  # type: ignore[no-untyped-def]
     ControlStore(etcd).add_tenant(Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11"))
     good = b"".join(_line(f"b{i}", f"10.210.{i}.0/24") for i in range(5))
     before = snapshot(etcd)
@@ -226,7 +259,7 @@ def test_cli_load_adds_many_tunnels_or_none(etcd, etcd_loopback) -> None:  # typ
     store = ControlStore(etcd)
     assert sorted(t.name for t in store.list_tunnels("acme")) == [f"b{i}" for i in range(5)]
     assert store.get_tunnel("acme", "b3").remote_id == "b3.example"
-    assert etcd.get(secret_key("acme", "b4")).value == PSK
+    assert stored_psk(etcd, gmn_key, "acme", "b4") == PSK
     # loading the same again: they exist already, nothing changes
     before = snapshot(etcd)
     r = cli(etcd_loopback, "tunnel", "load", "-", stdin=good)

@@ -103,6 +103,18 @@ def sa_pairs(bed: Bed, tenant: str) -> dict[str, set[str]]:
     return out
 
 
+def open_key(bed: Bed, key: str, rec: dict[str, Any], field: str) -> bytes:
+    """A key field of an SA record, opened with the key of the GPN it was sealed to (the
+    record itself holds no usable key: issue #19)."""
+    from protego import sealing
+
+    assert sealing.is_sealed(rec[field]), f"{key}: {field} is not sealed"
+    with pytest.raises(ValueError):
+        base64.b64decode(rec[field], validate=True)  # not a key in base64 either
+    gpn_key = sealing.load_or_create(tbmod.gpn_seal_key_file(bed.tb, rec["gpn"]))
+    return sealing.unseal(gpn_key, rec[field], f"{key[len(PREFIX):]}/{field}")
+
+
 def test_sa_records_match_the_peers(bed: Bed) -> None:
     for s in bed.tb.topology.sites:
         peer = bed.peer_child(s.name)
@@ -113,7 +125,7 @@ def test_sa_records_match_the_peers(bed: Bed) -> None:
             assert r["suite"] == "aes128gcm16" and peer["encr"] == "AES_GCM_16"
             assert r["gpn"] in ("gpn1", "gpn2") and r["gmn"] == "gmn1"
             assert r["vip"] == str(bed.tb.topology.tenant(s.tenant).vip)
-            assert len(base64.b64decode(r["enc_key"])) == 20  # 16-byte key + 4-byte salt
+            assert len(open_key(bed, key, r, "enc_key")) == 20  # 16-byte key + 4-byte salt
             spi = int(r["spi"], 16)
             if r["direction"] == "in":
                 steer = bed.etcd.get(f"{PREFIX}steer/in/{r['vip']}/{r['spi']}")
@@ -169,7 +181,8 @@ def test_exported_inbound_key_decrypts_what_the_peer_sends(bed: Bed) -> None:
                     str(tenant.hosts[0])], capture_output=True)
     esp = bytes.fromhex(cap.communicate(timeout=15)[0].strip())
     assert esp, "no ESP packet from the peer reached the GMN"
-    keymat = base64.b64decode(rec["enc_key"])
+    rec_key = next(k for k, r in bed.records(site.tenant).items() if r["spi"] == rec["spi"] and r["direction"] == "in")
+    keymat = open_key(bed, rec_key, rec, "enc_key")
     key, salt = keymat[:-4], keymat[-4:]
     iv, ct = esp[8:16], esp[16:]
     plain = AESGCM(key).decrypt(salt + iv, ct, esp[:8])  # raises if the key is not the real one

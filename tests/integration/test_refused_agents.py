@@ -37,7 +37,8 @@ def test_gmn_run_skips_bad_records_and_goes_on(etcd: Any, etcd_loopback: list[st
     proc = subprocess.Popen(
         [sys.executable, "-m", "protego", "--etcd", ",".join(etcd_loopback),
          "gmn", "run", "--node", node, "--vici", str(tmp_path / "no-charon.vici"),
-         "--plugin-socket", str(tmp_path / "plugin.sock"), "--no-ha", "--no-vips", "--ack-port", "0",
+         "--plugin-socket", str(tmp_path / "plugin.sock"), "--seal-key-file", str(tmp_path / "gmn.key"),
+         "--no-ha", "--no-vips", "--ack-port", "0",
          "--resync", "2"],
         stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
     report_key = f"{PREFIX}refused/gmn/{node}"

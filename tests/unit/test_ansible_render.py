@@ -541,6 +541,11 @@ def _config_tasks(role: str) -> list[dict[str, Any]]:
             if "protego_config" in (t.get("tags") or [])]
 
 
+# two GMNs need their shared sealing key (a vault holds it in a real inventory)
+TEST_SEAL_SECRET = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY="  # base64 of 32 test bytes
+PREFILL_VARS = {"protego_gmn_seal_secret": TEST_SEAL_SECRET}
+
+
 def _prefill(root_of: Any, host: str, roles: list[str]) -> None:
     """Do what the protego_config tasks do, with this module's renderer."""
     for role in roles:
@@ -548,7 +553,7 @@ def _prefill(root_of: Any, host: str, roles: list[str]) -> None:
         for task in _config_tasks(role):
             items = task.get("loop") or [None]
             for item in items:
-                v = host_vars(host, chain, protego_config_root=str(root_of(host)))
+                v = host_vars(host, chain, protego_config_root=str(root_of(host)), **PREFILL_VARS)
                 if item is not None:
                     v = v.child(item=v.resolve(item))
                 if "ansible.builtin.assert" in task:
@@ -610,7 +615,7 @@ def test_ansible_check_mode_finds_the_rendered_files_current(tmp_path: Path) -> 
     res = subprocess.run(
         [playbook, "-i", str(INVENTORY), str(play), "--check", "--diff", "--tags", "protego_config",
          "-e", "ansible_connection=local", "-e", f"ansible_python_interpreter={_module_python()}",
-         "-e", "protego_manage_services=false",
+         "-e", "protego_manage_services=false", "-e", f"protego_gmn_seal_secret={TEST_SEAL_SECRET}",
          "-e", f"protego_config_root={scratch}/{{{{ inventory_hostname }}}}"],
         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
     )
@@ -620,7 +625,8 @@ def test_ansible_check_mode_finds_the_rendered_files_current(tmp_path: Path) -> 
     assert recap == {host: "0"}, out
     # the templates and the credentials file were all visited
     for task in ("Write charon's strongswan.conf", "Write the agent's systemd unit", "Write charon's systemd unit",
-                 "Write the GPN agent's systemd unit", "Write the sysctls", "Write the agents' etcd credentials"):
+                 "Write the GPN agent's systemd unit", "Write the sysctls", "Write the agents' etcd credentials",
+                 "Write the GMN sealing key (the PSKs in etcd are sealed to it)"):
         assert task in out, task
     assert _snapshot(scratch) == before  # check mode wrote nothing
 

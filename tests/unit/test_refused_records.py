@@ -13,7 +13,9 @@ import threading
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from protego import sealing
 from protego.control.model import PREFIX, Tenant, Tunnel
 from protego.store.etcd import KV, Event, EventType
 from protego.store.refused import FatalThreads, RefusedPublisher, RefusedRecords
@@ -23,6 +25,12 @@ from tests.unit.test_gpn_agent import agent_with, rec
 ACME = Tenant("acme", 1001, "10.1.0.0/24", "203.0.113.11")
 HQ = Tunnel(tenant="acme", name="hq", remote_addrs="198.18.1.1", remote_ts=("10.201.0.0/24",))
 PSK = b"0123456789abcdef0123456789abcdef"
+GMN_KEY = X25519PrivateKey.generate()
+
+
+def sealed_psk(tenant: str, tunnel: str, psk: bytes = PSK) -> bytes:
+    """A PSK as the CLI stores it: sealed to the GMNs' key."""
+    return sealing.seal(sealing.public_bytes(GMN_KEY), psk, f"secrets/{tenant}/{tunnel}").encode()
 
 
 def kv(key: str, value: Any, rev: int = 5, raw: bool = False) -> KV:
@@ -42,6 +50,7 @@ def gmn_with(kvs: list[KV]) -> Any:
     a._parse_lock = threading.Lock()
     a._parse_cache = {}
     a.state = SimpleNamespace(pending_gpn={})
+    a._seal_key = GMN_KEY
     a.view.on_snapshot(10, kvs)
     return a
 
@@ -120,10 +129,19 @@ def test_gmn_a_tenant_whose_vip_no_host_can_own_is_refused_before_the_kernel(vip
 def test_gmn_a_psk_vici_cannot_carry_is_refused_and_never_shown() -> None:
     """Was: a PSK over 65,535 bytes made VICI's serialization raise struct.error."""
     huge = b"k" * 70_000
-    a = gmn_with([kv("secrets/acme/hq", huge, raw=True), kv("secrets/acme/br", PSK, raw=True)])
+    a = gmn_with([kv("secrets/acme/hq", huge, raw=True), kv("secrets/acme/br", sealed_psk("acme", "br"), raw=True),
+                  kv("secrets/acme/big", sealed_psk("acme", "big", b"k" * 1100), raw=True),
+                  kv("secrets/acme/huge", sealed_psk("acme", "huge", b"k" * 70_000), raw=True),
+                  kv("secrets/acme/clear", PSK, raw=True),  # in clear: never taken
+                  kv("secrets/acme/moved", sealed_psk("acme", "br"), raw=True)])  # another tunnel's
     assert a._secrets() == {("acme", "br"): PSK}
     report = json.dumps(a.refused.report())
-    assert "secrets/acme/hq" in report and "70000" in report and "kkkk" not in report
+    assert "kkkk" not in report and PSK.decode() not in report
+    reasons = {r["key"]: r["reason"] for r in a.refused.report()["records"]}
+    assert "70000 bytes" in reasons["secrets/acme/hq"] and "not a sealed PSK" in reasons["secrets/acme/clear"]
+    assert "16 to 1024 bytes long (it is 1100)" in reasons["secrets/acme/big"]
+    assert "a sealed PSK of 93" in reasons["secrets/acme/huge"]  # not even opened
+    assert "does not open" in reasons["secrets/acme/moved"]
 
 
 def test_gmn_a_tunnel_with_a_70kb_identity_is_refused() -> None:
