@@ -113,8 +113,9 @@ def parse_trace(lines: Iterable[str], source: str = "trace",
         raise ConfigError(f"{source}: trace has a header but no rows")
     minutes = max_minute + 1
     tunnels = tuple(rows)
-    matrix = np.zeros((minutes, len(tunnels)), dtype=np.float64)
-    for i, tunnel in enumerate(tunnels):
+    # every tunnel complete before the matrix is made: its size is then the rows read (a
+    # row at minute 10^9 must not allocate gigabytes before it is found alone)
+    for tunnel in tunnels:
         per_tunnel = rows[tunnel]
         if len(per_tunnel) != minutes:
             missing = next(m for m in range(minutes) if m not in per_tunnel)
@@ -122,7 +123,9 @@ def parse_trace(lines: Iterable[str], source: str = "trace",
             hint = f" (after line {previous[1]})" if previous else ""
             raise ConfigError(f"{source}: tunnel {tunnel!r} has no row for minute {missing}"
                               f"{hint}; every tunnel needs minutes 0..{minutes - 1}")
-        for m, (value, _) in per_tunnel.items():
+    matrix = np.zeros((minutes, len(tunnels)), dtype=np.float64)
+    for i, tunnel in enumerate(tunnels):
+        for m, (value, _) in rows[tunnel].items():
             matrix[m, i] = value
     return Trace(tunnels=tunnels, throughput_gbps=matrix)
 
