@@ -40,6 +40,9 @@ def gpn() -> None:
               help="xfrm backend: milliseconds between ESP canaries through the kernel.")
 @click.option("--canary-misses", type=click.IntRange(1, 100), default=3, show_default=True,
               help="xfrm backend: canaries lost in a row that stop the heartbeats (the GPN is then declared dead).")
+@click.option("--seal-key-file", default="", metavar="PATH",
+              help="This GPN's X25519 private key, which the SA keys in etcd are sealed to (made on first "
+                   "start, mode 0600; default /var/lib/protego/keys/gpn-NODE.key).")
 @click.pass_context
 def run(ctx: click.Context, node: str, fabric_addr: str, backend: str, workers: int, lease_ttl: int,
         report_interval: float, resync_interval: float, no_vips: bool, no_raw_esp: bool, worker_cpus: str,

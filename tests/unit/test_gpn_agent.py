@@ -260,7 +260,7 @@ def test_cli_group_and_options() -> None:
 
     res = CliRunner().invoke(gpn, ["run", "--help"])
     assert res.exit_code == 0
-    for opt in ("--node", "--fabric-addr", "--backend", "--workers"):
+    for opt in ("--node", "--fabric-addr", "--backend", "--workers", "--seal-key-file"):
         assert opt in res.output
 
 
