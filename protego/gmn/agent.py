@@ -600,6 +600,7 @@ class GmnAgent:
             ops.append(PutOp(f"{acks.ACKS_PREFIX}{self.cfg.node}", encode_json(self._acks.record()),
                              lease=self._lease.id))
         self.etcd.txn([], ops, [])
+        self._refused_pub.invalidate()  # a new lease: the report under the old one went with it
 
     def _elect(self) -> None:
         assert self._lease is not None

@@ -30,11 +30,12 @@ def _record_parsing(a: Any) -> None:
     """What GmnAgent's record readers (_parsed: tenants, tunnels, SA records) need."""
     import threading as _threading
 
-    from protego.store.refused import RefusedRecords
+    from protego.store.refused import RefusedPublisher, RefusedRecords
 
     a._parse_lock = _threading.Lock()
     a._parse_cache = {}
     a.refused = RefusedRecords("gmn", "gmn1")
+    a._refused_pub = RefusedPublisher(a.refused, lambda _key, _report: None)
 
 
 
