@@ -1386,10 +1386,13 @@ class GmnAgent:
     def _repoint_outbound(self, rec: dict[str, Any], exclude: str, force: bool = False) -> list[Any]:
         """After an outbound SA goes, steer the tunnel to its newest remaining outbound SA."""
         t, tun = rec["tenant"], rec["tunnel"]
-        self.state.deferred.pop((t, tun), None)
         cur = self.view.get_json(steer_out_key(t, tun)) or {}
         if not force and cur.get("spi") not in (None, rec["spi"]):
+            # not the SA the tunnel is steered to (an older one the peer still held: libreswan
+            # keeps two generations and deletes the older at its next rekey): a deferred
+            # switch still waits for the DELETE of the SA being replaced
             return []
+        self.state.deferred.pop((t, tun), None)
         others = [(k, r) for k, r in self._sa_records().items()
                   if k != exclude and k not in self._deleting
                   and r.get("tenant") == t and r.get("tunnel") == tun and r.get("direction") == "out"]

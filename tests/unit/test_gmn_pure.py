@@ -318,6 +318,38 @@ def test_a_deferred_outbound_switch_counts_from_our_response_not_from_the_sa(
     assert len(txns) == 1 and a.state.deferred == {}
 
 
+def test_a_deferred_switch_survives_the_delete_of_an_older_sa_and_follows_the_replaced_one() -> None:
+    """libreswan keeps two generations of CHILD_SAs: its rekey of #50 deletes #49, not
+    #50. That DELETE (of an outbound SA the tunnel is not steered to) once cancelled the
+    deferred switch without switching; the switch must wait for the SA being replaced."""
+    import json
+    import threading
+
+    from protego.control.model import PREFIX, tenant_key, tunnel_key
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV
+
+    a = _catch_up_agent(1.0)
+    a._sa_lock = threading.Lock()
+    a.state = _State()
+
+    def sa(spi: str, created: float) -> tuple[str, dict[str, object]]:
+        return (f"{PREFIX}sas/203.0.113.11/{spi}", full_record(spi, direction="out", created=created,
+                                                              src="203.0.113.11", dst="198.18.1.1"))
+
+    older, steered, new = sa("c0000049", 49.0), sa("c0000050", 50.0), sa("c0000051", 51.0)
+    a.view.on_snapshot(10, [KV(tenant_key("acme"), json.dumps(ACME.to_json()).encode(), 1, 1, 1),
+                            KV(tunnel_key("acme", "hq"), json.dumps(HQ.to_json()).encode(), 1, 1, 1),
+                            *(KV(k, json.dumps(r).encode(), 2, 2, 1) for k, r in (older, steered, new)),
+                            KV(f"{PREFIX}steer/out/acme/hq",
+                               json.dumps({"gpn": "gpn1", "spi": "c0000050"}).encode(), 3, 3, 1)])
+    a.state.deferred[("acme", "hq")] = (1000.0, True)
+    assert a._repoint_outbound(older[1], exclude=older[0]) == []
+    assert ("acme", "hq") in a.state.deferred  # still waiting for #50's DELETE
+    ops = a._repoint_outbound(steered[1], exclude=steered[0])
+    assert json.loads(ops[0].value)["spi"] == "c0000051" and a.state.deferred == {}
+
+
 def test_a_recovery_rekey_that_lands_nothing_is_asked_again_soon(monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A tunnel on a dead GPN is rekeyed once; asked again after RECOVERY_REASK_S if not
