@@ -20,14 +20,14 @@ from protego.context import CliContext
 from protego.control.model import (
     Tenant,
     Tunnel,
+    check_new_tunnel,
     check_psk,
     check_rate,
-    overlapping_selectors,
     parse_duration,
     parse_unicast_v4,
 )
 from protego.control.store import ControlStore
-from protego.errors import ConfigError, ConflictError, ProtegoError
+from protego.errors import ConfigError, ProtegoError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -278,13 +278,7 @@ def tunnel_load(ctx: click.Context, source: Any) -> None:
         if t.tenant not in tenants:
             tenants[t.tenant] = (store.get_tenant(t.tenant), store.list_tunnels(t.tenant))
         tenant, known = tenants[t.tenant]
-        t.validate(tenant)
-        if any(k.name == t.name for k in known):
-            raise ConflictError(f"line {no}: tunnel {t.tenant}/{t.name} already exists")
-        clash = overlapping_selectors(t, known)
-        if clash:
-            raise ConfigError(f"line {no}: tunnel {t.tenant}/{t.name}: remote_ts {clash[2]} overlaps {clash[1]} "
-                              f"of tunnel {clash[0]}")
+        check_new_tunnel(t, tenant, known, f"line {no}: ")
         known.append(t)
         items.append((t, psk))
     if not items:

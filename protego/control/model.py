@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from protego.errors import ConfigError
+from protego.errors import ConfigError, ConflictError
 
 PREFIX = "/protego/v1/"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -378,3 +378,17 @@ def overlapping_selectors(new: Tunnel, existing: list[Tunnel]) -> tuple[str, str
                 if na.version == nb.version and na.overlaps(nb):
                     return other.name, b, a
     return None
+
+
+def check_new_tunnel(new: Tunnel, tenant: Tenant, existing: list[Tunnel], where: str = "") -> None:
+    """What adding ``new`` to ``tenant`` beside its ``existing`` tunnels needs: a valid
+    tunnel, a name not taken, no remote traffic selector overlapping another tunnel's.
+    ``where`` prefixes the messages (e.g. ``"line 3: "``)."""
+    new.validate(tenant)
+    if any(t.name == new.name for t in existing):
+        raise ConflictError(f"{where}tunnel {new.tenant}/{new.name} already exists")
+    clash = overlapping_selectors(new, existing)
+    if clash:
+        other, theirs, ours = clash
+        raise ConfigError(f"{where}tunnel {new.tenant}/{new.name}: remote_ts {ours} overlaps {theirs} "
+                          f"of tunnel {other} in the same tenant")

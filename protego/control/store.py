@@ -18,8 +18,8 @@ from protego.control.model import (
     PREFIX,
     Tenant,
     Tunnel,
+    check_new_tunnel,
     check_psk,
-    overlapping_selectors,
     secret_key,
     tenant_key,
     tunnel_guard_key,
@@ -131,18 +131,8 @@ class ControlStore:
             if tkv is None:
                 raise ConfigError(f"unknown tenant '{tunnel.tenant}'")
             tenant = Tenant.from_json(json.loads(tkv.value))
-            tunnel.validate(tenant)
             guard = self.etcd.get(tunnel_guard_key(tunnel.tenant))
-            existing = self.list_tunnels(tunnel.tenant)
-            if any(t.name == tunnel.name for t in existing):
-                raise ConflictError(f"tunnel {tunnel.tenant}/{tunnel.name} already exists")
-            clash = overlapping_selectors(tunnel, existing)
-            if clash:
-                other, theirs, ours = clash
-                raise ConfigError(
-                    f"tunnel {tunnel.tenant}/{tunnel.name}: remote_ts {ours} overlaps {theirs} "
-                    f"of tunnel {other} in the same tenant"
-                )
+            check_new_tunnel(tunnel, tenant, self.list_tunnels(tunnel.tenant))
             res = self.etcd.txn(
                 [mod_revision_is(tenant_key(tunnel.tenant), tkv.mod_revision),
                  mod_revision_is(tunnel_guard_key(tunnel.tenant), guard.mod_revision if guard else 0),
@@ -176,13 +166,7 @@ class ControlStore:
                     existing = self.list_tunnels(name)
                     mine = [t for t, _ in items if t.tenant == name]
                     for t in mine:
-                        t.validate(tenant)
-                        if any(e.name == t.name for e in existing):
-                            raise ConflictError(f"tunnel {t.tenant}/{t.name} already exists")
-                        clash = overlapping_selectors(t, existing)
-                        if clash:
-                            raise ConfigError(f"tunnel {t.tenant}/{t.name}: remote_ts {clash[2]} overlaps "
-                                              f"{clash[1]} of tunnel {clash[0]} in the same tenant")
+                        check_new_tunnel(t, tenant, existing)
                         existing.append(t)
                     compares += [mod_revision_is(tenant_key(name), tkv.mod_revision),
                                  mod_revision_is(tunnel_guard_key(name), guard.mod_revision if guard else 0)]
