@@ -140,6 +140,10 @@ class _State:
     # has acknowledged it (make before break, _await_switch): tunnel -> the new SA's SPI
     steer_pending: dict[tuple[str, str], int] = field(default_factory=dict)
     repair_due: bool = False  # _repair_steering at the next pass (this GMN just became active)
+    # SAs charon installed while no GPN could take them (a restart of every GPN, the GIN
+    # declaring them dead meanwhile): (spi, dst) -> charon's add_sa, placed by the loop as
+    # soon as a GPN is usable again (_place_unplaced), not at the next full pass
+    unplaced: dict[tuple[int, str], pp.AddSa] = field(default_factory=dict)
 
 
 class _GroupCommit:
@@ -403,6 +407,7 @@ class GmnAgent:
                         self.state.repair_due = False
                         self._repair_steering()
                     self._handle_migrations()
+                    self._place_unplaced()
                     self._recover_failed_gpns()
                     self._rekey_burnt_outbound()
                 if full:
@@ -1045,7 +1050,7 @@ class GmnAgent:
                 try:
                     gpn = choose_gpn(self.gpn_views(), placement.get("gpn"), pinned)
                 except NoGpnError as exc:
-                    log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
+                    self._unplaced(sa, t, tun, exc)
                     return
                 self.state.pending_gpn[(t, tun)] = gpn
             else:
@@ -1055,7 +1060,7 @@ class GmnAgent:
                     try:
                         gpn = choose_gpn(self.gpn_views(), None, pinned)
                     except NoGpnError as exc:
-                        log.error("tunnel %s/%s: %s; SA %08x not placed", t, tun, exc, sa.spi)
+                        self._unplaced(sa, t, tun, exc)
                         return
             seal_to = sealing.parse_public((self._gpn_nodes().get(gpn) or {}).get("seal_key"))
             if seal_to is None:  # never a key in clear in etcd
@@ -1145,6 +1150,38 @@ class GmnAgent:
         self._wait_applied(gpn, revision, f"{t}/{tun} SA {sa.spi:08x}", sas_only=deferred)
         if not sa.inbound and not deferred:
             self.state.switched_at[(t, tun)] = time.time()
+
+    def _unplaced(self, sa: pp.AddSa, tenant: str, tunnel: str, exc: NoGpnError) -> None:
+        """charon installs ``sa`` although no GPN can take it now (its add_sa is not failed:
+        a CHILD_SA refused here is not negotiated again, while a recorded one carries
+        traffic as soon as a GPN is back): placed by ``_place_unplaced``."""
+        dst = str(sa.dst.address) if sa.dst else ""
+        self.state.unplaced[(sa.spi, dst)] = sa
+        log.error("tunnel %s/%s: %s; SA %08x placed once a GPN is usable", tenant, tunnel, exc, sa.spi)
+        self._kick()
+
+    def _place_unplaced(self) -> None:
+        """The SAs ``_add_sa`` could not place, placed now that a GPN is usable (inbound SAs
+        first: a CHILD_SA's outbound SA follows its inbound one); those charon no longer
+        holds are forgotten. Before, they waited for the next full pass (RECORD_GRACE_S and
+        resync_interval: up to 40 s) while charon used them, a restarted GPN's tunnels
+        unreachable meanwhile (seen in CI)."""
+        if not self.state.unplaced or not any(g.usable for g in self.gpn_views().values()):
+            return
+        with self.server._lock:
+            held = {(k[0], k[2]) for k in self.server.sas}
+        todo = sorted(self.state.unplaced.items(), key=lambda kv: not kv[1].inbound)
+        self.state.unplaced.clear()
+        for key, sa in todo:
+            if key not in held:
+                continue  # charon deleted it meanwhile
+            if self._find_record(sa.spi, key[1] or None) is not None:
+                continue  # placed meanwhile (a full pass)
+            try:
+                self._add_sa(sa)  # puts it back into unplaced if no GPN can take it after all
+            except ProtegoError as exc:
+                log.warning("SA %08x: placing it failed (%s); retried at the next pass", sa.spi, exc)
+                self.state.unplaced[key] = sa
 
     def _await_switch(self, gpn: str, revision: int, tenant: str, tunnel: str, spi: int,
                       steer: tuple[str, dict[str, Any]] | None = None) -> None:
@@ -1631,10 +1668,15 @@ class GmnAgent:
         an outbound SA created before it started (a sequence number must never be
         reused): rekey those tunnels' CHILD_SAs. The IKE SA stays; one round trip."""
         started = {name: float(v.get("started") or 0) for name, v in self._gpn_nodes().items()}
+        gpns = self.gpn_views()
         now = time.time()
         todo: dict[tuple[str, str], str] = {}
         for key, rec in self._sa_records().items():
             if rec.get("direction") != "out" or rec.get("gpn") not in started:
+                continue
+            if gpns[rec["gpn"]].failed:
+                # back in etcd, not yet on the GIN's heartbeats: the rekey could not place
+                # its SAs anywhere (every GPN restarted); asked once the GIN sees it alive
                 continue
             if float(rec.get("created", 0)) >= started[rec["gpn"]]:
                 continue

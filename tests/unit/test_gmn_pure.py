@@ -460,6 +460,100 @@ def test_record_reconciliation_leaves_sas_that_charon_s_own_call_is_placing() ->
     assert added == [0xC0000003] and deleted == [0xC0000009]
 
 
+def test_sas_installed_while_no_gpn_is_usable_are_placed_once_one_is() -> None:
+    """Every GPN restarting (the GIN declares them dead meanwhile): charon's add_sa of a
+    rekey's inbound SA finds no usable GPN. charon uses the SA anyway, so it is placed as
+    soon as a GPN is usable again, inbound first, not at the next full pass (up to 40 s
+    of a tunnel unreachable, seen in CI); an SA charon deleted meanwhile is forgotten."""
+    import threading
+    from types import SimpleNamespace
+
+    from protego.gmn.agent import _State
+    from protego.gmn.placement import NoGpnError
+    from protego.gmn.plugin_server import SaRecord
+
+    def sa(spi: int, inbound: bool) -> pp.AddSa:
+        src, dst = ("198.18.1.1", "203.0.113.11") if inbound else ("203.0.113.11", "198.18.1.1")
+        return pp.AddSa(src=pp.Host.parse(src), dst=pp.Host.parse(dst), spi=spi, reqid=1, mode=1, enc_alg=20,
+                        flags=pp.SaFlag.INBOUND if inbound else 0)
+
+    a = _catch_up_agent(1.0)
+    a.state = _State()
+    a._wake = threading.Event()
+    inbound, outbound, deleted = sa(0xC0000001, True), sa(0xD0000001, False), sa(0xC0000002, True)
+    a.server = SimpleNamespace(_lock=threading.Lock(),  # type: ignore[assignment]
+                               sas={s.key: SaRecord(s) for s in (outbound, inbound)})
+    usable = [False]
+    a.gpn_views = lambda: {"gpn1": GpnView("gpn1", True, usable[0])}  # type: ignore[method-assign]
+    a.view.on_snapshot(10, [])
+    for s in (outbound, inbound, deleted):
+        a._unplaced(s, "acme", "hq", NoGpnError("no healthy GPN is registered"))
+    assert a._wake.is_set()  # the loop places them as soon as it can
+    placed: list[int] = []
+
+    def add_sa(s: pp.AddSa) -> None:
+        placed.append(s.spi)
+
+    a._add_sa = add_sa  # type: ignore[method-assign]
+    a._place_unplaced()
+    assert placed == [] and len(a.state.unplaced) == 3  # still no usable GPN: kept
+    usable[0] = True
+    a._place_unplaced()
+    assert placed == [0xC0000001, 0xD0000001]  # inbound first; the deleted one forgotten
+    assert a.state.unplaced == {}
+
+
+def test_a_restarted_gpn_s_outbound_sas_are_rekeyed_once_the_gin_sees_it_alive(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPN back in etcd but not yet answering the GIN's heartbeats is not usable: a
+    rekey then could place its SAs nowhere (every GPN restarted), so the old outbound SAs
+    it refuses are rekeyed once the GIN declares it alive."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from protego.control.model import PREFIX
+    from protego.gmn import agent as agent_mod
+    from protego.gmn.agent import _State
+    from protego.store.etcd import KV
+
+    rekeys: list[str] = []
+
+    class FakeVici:
+        def __init__(self, _sock: str) -> None:
+            pass
+
+        def __enter__(self) -> "FakeVici":
+            return self
+
+        def __exit__(self, *_exc: object) -> None:
+            pass
+
+        def list_sas(self, _conn: str) -> list[dict[str, object]]:
+            return [{"ike": "acme_hq", "child_state": "INSTALLED", "child_id": 8}]
+
+        def rekey_child(self, child_id: object) -> None:
+            rekeys.append(str(child_id))
+
+    monkeypatch.setattr(agent_mod, "ViciClient", FakeVici)
+    a = _catch_up_agent(1.0)
+    a.state = _State()
+    a.cfg = SimpleNamespace(vici_socket="unused", node="gmn1")  # type: ignore[assignment]
+    a._event = lambda *args, **kw: None  # type: ignore[method-assign]
+    alive = [False]
+    a.gpn_views = lambda: {"gpn2": GpnView("gpn2", True, alive[0])}  # type: ignore[method-assign]
+    started = time.time()
+    old = full_record("c0000001", tenant="acme", tunnel="hq", direction="out", gpn="gpn2", created=started - 60)
+    a.view.on_snapshot(10, [KV(f"{PREFIX}gpn/nodes/gpn2", json.dumps({"node": "gpn2", "started": started}).encode(),
+                               1, 1, 1),
+                            KV(f"{PREFIX}sas/203.0.113.11/c0000001", json.dumps(old).encode(), 2, 2, 1)])
+    a._rekey_burnt_outbound()
+    assert rekeys == []  # the GIN has it dead still
+    alive[0] = True
+    a._rekey_burnt_outbound()
+    assert rekeys == ["8"]
+
+
 def test_outbound_deletions_do_not_wait_for_etcd_and_count_as_done_at_once() -> None:
     """charon's del_sa of an outbound SA (its next step: the DELETE to the peer) returns
     without waiting for the transaction; until our view reflects that deletion, the SA
