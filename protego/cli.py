@@ -30,6 +30,7 @@ _COMMANDS: dict[str, str] = {
     "gpn": "protego.gpn.cli:gpn",
     "bench": "protego.bench.cli:bench",
     "lane": "protego.lane:lane",
+    "etcd": "protego.store.cli:etcd",
 }
 
 

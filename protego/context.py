@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,15 +41,10 @@ class CliContext:
 
     def etcd(self) -> "Etcd":
         if self._etcd is None:
-            from protego.store.etcd import Etcd
+            from protego.store.etcd import etcd_from_env
 
             # credentials as the Ansible roles install them (/etc/protego/etcd-client.env)
-            env = os.environ
-            self._etcd = Etcd(
-                self.etcd_endpoints(), user=env.get("PROTEGO_ETCD_USER") or None,
-                password=env.get("PROTEGO_ETCD_PASSWORD") or None, ca_cert=env.get("PROTEGO_ETCD_CACERT") or None,
-                cert_key=env.get("PROTEGO_ETCD_KEY") or None, cert_cert=env.get("PROTEGO_ETCD_CERT") or None,
-            )
+            self._etcd = etcd_from_env(self.etcd_endpoints())
         return self._etcd
 
     def close(self) -> None:

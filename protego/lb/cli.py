@@ -92,7 +92,7 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
     from protego.lb.agent import LbAgent, LbConfig
     from protego.lb.nft import NftAdapter
     from protego.lb.routes import RouteAdapter
-    from protego.store.etcd import Etcd
+    from protego.store.etcd import etcd_from_env
 
     try:
         params = ruleset.Params(sample=sample, tag_dscp=tag_dscp, vip_prefixes=tuple(vips))
@@ -118,7 +118,7 @@ def run_cmd(role: str, etcd_endpoints: tuple[str, ...], vips: tuple[str, ...], n
             "no --vip given: the GIN steers the VIPs of the tenants in etcd and those named in steer/in")
     from protego.store.refused import EXIT_THREAD_DIED, FatalThreads
 
-    store = Etcd(list(cfg.etcd_endpoints))
+    store = etcd_from_env(cfg.etcd_endpoints)  # the credentials of its EnvironmentFile
     routes = RouteAdapter() if "gin" in cfg.roles else None
     agent = LbAgent(cfg, store, NftAdapter(), routes)
     stop = threading.Event()

@@ -30,11 +30,12 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -407,6 +408,22 @@ _TRANSIENT_CODES = {
 }
 
 
+def etcd_from_env(endpoints: Sequence[str], env: Mapping[str, str] | None = None, **kwargs: Any) -> Etcd:
+    """A client for ``endpoints`` with the credentials of the environment, as the Ansible
+    roles install them (``/etc/protego/etcd-client.env``): ``PROTEGO_ETCD_USER`` and
+    ``PROTEGO_ETCD_PASSWORD``, ``PROTEGO_ETCD_CACERT``, ``PROTEGO_ETCD_KEY`` and
+    ``PROTEGO_ETCD_CERT``. Every command and agent makes its client here."""
+    env = os.environ if env is None else env
+    return Etcd(list(endpoints), user=env.get("PROTEGO_ETCD_USER") or None,
+                password=env.get("PROTEGO_ETCD_PASSWORD") or None, ca_cert=env.get("PROTEGO_ETCD_CACERT") or None,
+                cert_key=env.get("PROTEGO_ETCD_KEY") or None, cert_cert=env.get("PROTEGO_ETCD_CERT") or None,
+                **kwargs)
+
+
+class EtcdPermissionError(ConfigError):
+    """etcd refused the request to this user (authentication on, the role lacks the key)."""
+
+
 class RevisionCompactedError(PeerError):
     """The requested revision was compacted; re-snapshot."""
 
@@ -477,8 +494,14 @@ def map_error(exc: BaseException, what: str, key: str, endpoints: Sequence[str])
     if kind is ErrorKind.COMPACTED:
         rev = int(getattr(exc, "compacted_revision", 0) or 0)
         return RevisionCompactedError(f"{where}: revision compacted ({detail})", rev)
+    if kind is ErrorKind.INVALID and "user name is empty" in detail:
+        return EtcdPermissionError(f"{where}: etcd has authentication on and this client has no user "
+                                   f"(PROTEGO_ETCD_USER and PROTEGO_ETCD_PASSWORD)")
     if kind is ErrorKind.INVALID:
         return ConfigError(f"{where}: rejected by etcd ({detail})")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return EtcdPermissionError(f"{where}: permission denied: this node's etcd user may not do that "
+                                   f"(protego/store/roles.py says what each role may touch)")
     return PeerError(f"{where}: {code.name if code else type(exc).__name__}: {detail}")
 
 
@@ -524,6 +547,7 @@ class _Conn:
                     "lease": etcdrpc.LeaseStub(channel),
                     "watch": etcdrpc.WatchStub(channel),
                     "maintenance": etcdrpc.MaintenanceStub(channel),
+                    "auth": etcdrpc.AuthStub(channel),
                 }
                 self._client, self._channel = client, channel
             return self._client
@@ -721,6 +745,15 @@ class Etcd:
             err = map_error(exc, what, key, self.endpoints)
             log.warning("%s", err)
             raise err from exc
+
+    # -- authentication (protego/store/roles.py) -------------------------- #
+    def auth(self, method: str, request: Any) -> Any:
+        """One call of etcd's Auth API (``RoleAdd``, ``UserAdd``, ``AuthEnable``...):
+        its response. Requests carry passwords: never logged."""
+        def fn(conn: Any, timeout: float) -> Any:
+            return getattr(conn.stub("auth"), method)(request, timeout, metadata=conn.metadata())
+
+        return self._call(f"auth {method}", "", fn)
 
     # -- reads -------------------------------------------------------------- #
     def get(self, key: str) -> KV | None:
