@@ -48,7 +48,7 @@ _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 def prefix_end(prefix: str) -> str:
     """The first key after every key that starts with ``prefix`` (etcd's range end)."""
-    b = bytearray(prefix.encode())
+    b = bytearray(prefix.encode("latin-1"))  # Protego's keys are ASCII
     while b:
         if b[-1] < 0xFF:
             b[-1] += 1
@@ -132,7 +132,8 @@ def grants(kind: str, node: str | None = None, prefix: str = PREFIX, ha_prefix: 
         ]
     if kind == "lb":
         return [
-            Grant(f"{p}steer/", True, READ), Grant(f"{p}gmn/leader", False, READ), Grant(f"{p}gmn/acks/", True, READ),
+            # gmn/leader: watched as a prefix (a prefix watch needs the whole range)
+            Grant(f"{p}steer/", True, READ), Grant(f"{p}gmn/leader", True, READ), Grant(f"{p}gmn/acks/", True, READ),
             Grant(f"{p}gpn/nodes/", True, READ), Grant(f"{p}tenants/", True, READ),
             Grant(f"{p}gpn/health/", True, READWRITE), Grant(f"{p}lb/applied/{n}", False, READWRITE),
             Grant(f"{p}acks/keys/lb/{n}", False, READWRITE), Grant(f"{p}refused/lb/{n}", False, READWRITE),
