@@ -495,8 +495,8 @@ def map_error(exc: BaseException, what: str, key: str, endpoints: Sequence[str])
         rev = int(getattr(exc, "compacted_revision", 0) or 0)
         return RevisionCompactedError(f"{where}: revision compacted ({detail})", rev)
     if kind is ErrorKind.INVALID and "user name is empty" in detail:
-        return EtcdPermissionError(f"{where}: etcd has authentication on and this client has no user "
-                                   f"(PROTEGO_ETCD_USER and PROTEGO_ETCD_PASSWORD)")
+        return EtcdPermissionError(f"{where}: {detail}: etcd has authentication on and this client has no "
+                                   f"user (PROTEGO_ETCD_USER and PROTEGO_ETCD_PASSWORD)")
     if kind is ErrorKind.INVALID:
         return ConfigError(f"{where}: rejected by etcd ({detail})")
     if code == grpc.StatusCode.PERMISSION_DENIED:

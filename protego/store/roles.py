@@ -40,7 +40,7 @@ PREFIX = "/protego/v1/"
 HA_PREFIX = "/protego/ha/v1/"
 
 READ, WRITE, READWRITE = 0, 1, 2  # etcd's authpb.Permission.Type
-_MODE_NAMES = {READ: "read", WRITE: "write", READWRITE: "readwrite"}
+_MODE_NAMES = {READ: "READ", WRITE: "WRITE", READWRITE: "READWRITE"}  # etcdctl's names
 KINDS = ("gmn", "gpn", "lb", "operator")
 ROOT = "root"
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -74,8 +74,8 @@ def test_each_role_is_refused_what_it_must_not_touch(auth_etcd: tuple[list[str],
     for who, (kind, node) in WHO.items():
         with _client(eps, passwords, roles.role_name(kind, node)) as e:
             for key, (readers, writers) in KEYS.items():
-                assert _can(lambda k=key: e.get(k)) == (who in readers), (who, "read", key)
-                assert _can(lambda k=key: e.put(k, b"{}")) == (who in writers), (who, "write", key)
+                assert _can(lambda k=key: e.get(k)) == (who in readers), (who, "may read", key)
+                assert _can(lambda k=key: e.put(k, b"{}")) == (who in writers), (who, "may write", key)
 
 
 def test_what_the_agents_watch_is_readable_by_their_roles(auth_etcd: tuple[list[str], dict[str, str], Path]) -> None:

@@ -55,8 +55,8 @@ def test_each_role_reaches_only_its_keys(key: str) -> None:
     readers, writers = KEYS[key]
     for who, (kind, node) in WHO.items():
         gs = roles.grants(kind, node)
-        assert roles.allowed(gs, key, write=False) == (who in readers), (who, "read", key)
-        assert roles.allowed(gs, key, write=True) == (who in writers), (who, "write", key)
+        assert roles.allowed(gs, key, write=False) == (who in readers), (who, "may read", key)
+        assert roles.allowed(gs, key, write=True) == (who in writers), (who, "may write", key)
 
 
 def test_role_names_and_bad_node_names() -> None:
